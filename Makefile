@@ -1,0 +1,30 @@
+# Two commands on a fresh machine:
+#   make train   install, then pretrain the tiny GPT on Shakespeare (CPU, a few minutes)
+#   make test    install, then run the test suite
+PYTHON ?= python3
+VENV   ?= .venv
+BIN     = $(VENV)/bin
+export HF_HUB_OFFLINE = 1
+export HF_DATASETS_OFFLINE = 1
+export TRANSFORMERS_OFFLINE = 1
+
+.PHONY: install train test bench
+install: $(VENV)/.installed
+
+# torch first, pinned: on machines without GPUs this takes the local CPU wheel; an unpinned
+# torch pulled in by another package would download a multi-GB CUDA build.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+train: install
+	$(BIN)/bigtrain train configs/gpt-tiny.yaml
+
+test: install
+	$(BIN)/python -m pytest tests
+
+bench: install
+	$(BIN)/python benchmarks/loop_overhead.py

@@ -1,0 +1,322 @@
+"""Run configuration: typed schema, YAML loading with includes, dotted overrides, validation.
+
+A run is described by one YAML file. It may name other YAML files under ``defaults:``
+(paths relative to itself); they are merged first, in order, and the file's own keys win.
+Command-line overrides such as ``optim.lr=3e-4`` are applied last. The merged mapping is
+validated into :class:`RunConfig`; any problem raises :class:`ConfigError` whose message is a
+single line naming the key path and what was expected.
+
+This module must stay importable without torch: the launcher uses it on login nodes.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration problem; ``str(err)`` is one line meant for the user."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+# ---------------------------------------------------------------------------------------------
+# Sections
+# ---------------------------------------------------------------------------------------------
+
+
+class RunSection(_Section):
+    name: str = Field("run", min_length=1, pattern=r"^[A-Za-z0-9._\-]+$")
+    dir: Optional[str] = None  # default: runs/<name>
+
+
+class ModelSection(_Section):
+    name: Literal["gpt2", "llama"] = "gpt2"
+    pretrained: Optional[str] = None  # local Hugging Face directory
+    n_layer: int = Field(4, ge=1)
+    n_head: int = Field(4, ge=1)
+    n_kv_head: Optional[int] = Field(None, ge=1)  # llama only; default n_head
+    d_model: int = Field(256, ge=8)
+    d_ff: Optional[int] = Field(None, ge=8)  # default 4*d_model (gpt2) / ~8/3*d_model (llama)
+    vocab_size: Optional[int] = Field(None, ge=2)  # default: the tokenizer's
+    max_seq_len: Optional[int] = Field(None, ge=1)  # default: train.seq_len
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    tie_embeddings: bool = True
+    rope_theta: float = Field(10000.0, gt=0)
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> "ModelSection":
+        if self.d_model % self.n_head:
+            raise ValueError(f"model.d_model ({self.d_model}) must be divisible by model.n_head ({self.n_head})")
+        if self.n_kv_head is not None and self.n_head % self.n_kv_head:
+            raise ValueError(f"model.n_head ({self.n_head}) must be divisible by model.n_kv_head ({self.n_kv_head})")
+        return self
+
+
+class TokenizerSection(_Section):
+    type: Literal["sentencepiece"] = "sentencepiece"
+    model_type: Literal["bpe", "unigram"] = "bpe"
+    vocab_size: int = Field(4096, ge=64, le=1_000_000)
+    path: Optional[str] = None  # an existing .model file: skip training
+    sample_bytes: int = Field(20_000_000, ge=1000)  # corpus bytes the tokenizer trains on
+
+
+class DataSection(_Section):
+    path: Optional[Union[str, list[str]]] = None  # file, dir or glob of .txt/.jsonl, or a prepared dir
+    download: Optional[Literal["shakespeare"]] = None  # fetch this corpus into `path` if missing
+    jsonl_field: str = "text"
+    val_fraction: float = Field(0.01, gt=0.0, lt=0.5)
+    cache_dir: Optional[str] = None  # default: $BIGTRAIN_CACHE or ~/.cache/bigtrain
+    shard_tokens: int = Field(50_000_000, ge=1024)
+    tokenizer: TokenizerSection = TokenizerSection()
+
+
+class TrainSection(_Section):
+    max_steps: int = Field(100, ge=1)
+    global_batch_size: int = Field(16, ge=1)
+    micro_batch_size: int = Field(16, ge=1)
+    seq_len: int = Field(256, ge=2)
+    log_every: int = Field(10, ge=1)
+    eval_every: int = Field(0, ge=0)  # 0: only at the end
+    eval_batches: int = Field(20, ge=1)
+    compile: bool = False
+    grad_clip: float = Field(1.0, ge=0.0)  # 0 disables clipping
+    sample_tokens: int = Field(64, ge=0)  # text sampled from the model at the end (0: none)
+    sample_prompt: str = "\n"
+    threads: Optional[int] = Field(None, ge=1)  # CPU threads per rank; default: cores / local ranks
+
+    @model_validator(mode="after")
+    def _batch_divides(self) -> "TrainSection":
+        if self.global_batch_size % self.micro_batch_size:
+            raise ValueError(
+                f"train.global_batch_size ({self.global_batch_size}) must be a multiple of "
+                f"train.micro_batch_size ({self.micro_batch_size})"
+            )
+        return self
+
+
+class OptimSection(_Section):
+    name: Literal["adamw"] = "adamw"
+    lr: float = Field(1e-3, gt=0.0, lt=10.0)
+    weight_decay: float = Field(0.1, ge=0.0)
+    beta1: float = Field(0.9, ge=0.0, lt=1.0)
+    beta2: float = Field(0.95, ge=0.0, lt=1.0)
+    eps: float = Field(1e-8, gt=0.0)
+    implementation: Literal["auto", "fused", "foreach", "for-loop"] = "auto"
+
+
+class ScheduleSection(_Section):
+    warmup_steps: int = Field(0, ge=0)
+    decay: Literal["cosine", "linear", "constant"] = "cosine"
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
+
+
+class DeepSpeedSection(_Section):
+    stage: int = Field(2, ge=0, le=3)
+    offload_optimizer: bool = False
+    offload_param: bool = False
+    extra: dict[str, Any] = Field(default_factory=dict)
+
+
+class FSDPSection(_Section):
+    reshard_after_forward: bool = True
+    cpu_offload: bool = False
+    replicate: int = Field(1, ge=1)  # HSDP: replicate x shard = world size
+    shard: Optional[int] = Field(None, ge=1)
+
+
+class StrategySection(_Section):
+    name: Literal["single", "ddp", "fsdp", "deepspeed"] = "single"
+    activation_checkpointing: bool = False
+    deepspeed: DeepSpeedSection = DeepSpeedSection()
+    fsdp: FSDPSection = FSDPSection()
+
+
+class CheckpointSection(_Section):
+    every_steps: int = Field(0, ge=0)  # 0: only the final checkpoint
+    keep_last: int = Field(2, ge=1)
+    async_: bool = Field(False, alias="async")
+    resume: str = "auto"  # auto | never | PATH
+    save_final: bool = True
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+
+
+class WandbSection(_Section):
+    mode: Literal["online", "offline", "disabled"] = "disabled"
+    project: str = "bigtrain"
+    entity: Optional[str] = None
+    tags: list[str] = Field(default_factory=list)
+
+
+class TrackingSection(_Section):
+    wandb: WandbSection = WandbSection()
+    console: Literal["auto", "progress", "plain"] = "auto"
+
+
+class ResourcesSection(_Section):
+    nodes: int = Field(1, ge=1)
+    procs_per_node: int = Field(1, ge=1)
+    partition: Optional[str] = None
+    time: Optional[str] = None
+    account: Optional[str] = None
+
+
+class RunConfig(_Section):
+    run: RunSection = RunSection()
+    seed: int = 1337
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    model: ModelSection = ModelSection()
+    data: DataSection = DataSection()
+    train: TrainSection = TrainSection()
+    optim: OptimSection = OptimSection()
+    schedule: ScheduleSection = ScheduleSection()
+    strategy: StrategySection = StrategySection()
+    checkpoint: CheckpointSection = CheckpointSection()
+    tracking: TrackingSection = TrackingSection()
+    resources: ResourcesSection = ResourcesSection()
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.dir) if self.run.dir else Path("runs") / self.run.name
+
+    def grad_accum_steps(self, world_size: int) -> int:
+        """Micro-batches each rank accumulates per optimizer step."""
+        return self.train.global_batch_size // (self.train.micro_batch_size * world_size)
+
+    def check_world_size(self, world_size: int) -> None:
+        """Raise ConfigError unless the global batch splits evenly over ``world_size`` ranks."""
+        per_step = self.train.micro_batch_size * world_size
+        if world_size < 1 or self.train.global_batch_size % per_step:
+            raise ConfigError(
+                f"train.global_batch_size ({self.train.global_batch_size}) must be a multiple of "
+                f"train.micro_batch_size x world size ({self.train.micro_batch_size} x {world_size})"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", by_alias=True)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}{where}: not valid YAML ({getattr(err, 'problem', err)})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of config keys at top level, got {type(data).__name__}")
+    return data
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Return ``base`` updated recursively by ``override`` (mappings merge, everything else replaces)."""
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def load_yaml_tree(path: str | os.PathLike[str], _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Load a YAML config, merging the files listed under ``defaults:`` first."""
+    path = Path(path).resolve()
+    if path in _seen:
+        raise ConfigError(f"{path}: circular 'defaults' include")
+    data = _read_yaml(path)
+    includes = data.pop("defaults", []) or []
+    if isinstance(includes, str):
+        includes = [includes]
+    if not isinstance(includes, list) or not all(isinstance(i, str) for i in includes):
+        raise ConfigError(f"{path}: 'defaults' must be a list of YAML file paths")
+    merged: dict[str, Any] = {}
+    for inc in includes:
+        merged = deep_merge(merged, load_yaml_tree(path.parent / inc, _seen + (path,)))
+    return deep_merge(merged, data)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"optim.lr=3e-4"`` -> (["optim", "lr"], 0.0003). Values are parsed as YAML scalars/lists."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override '{text}': expected KEY=VALUE with a dotted key, e.g. optim.lr=3e-4")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    out = copy.deepcopy(tree)
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = out
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            elif not isinstance(child, dict):
+                raise ConfigError(f"override '{text}': {'.'.join(parts[: i + 1])} is not a section")
+            node = child
+        node[parts[-1]] = value
+    return out
+
+
+def _format_error(err: ValidationError) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"] if p != "__root__")
+    msg = first["msg"]
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, ") :]
+        return msg if not loc or loc in msg else f"{loc}: {msg}"
+    kind = first["type"]
+    if kind == "extra_forbidden":
+        return f"{loc}: unknown config key"
+    got = first.get("input")
+    got_text = "" if isinstance(got, dict) else f" (got {got!r})"
+    return f"{loc}: {msg[0].lower()}{msg[1:]}{got_text}"
+
+
+def validate(tree: dict[str, Any]) -> RunConfig:
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as err:
+        extra = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
+        raise ConfigError(_format_error(err) + extra) from None
+
+
+def load_config(path: str | os.PathLike[str], overrides: list[str] | None = None) -> RunConfig:
+    """Load, merge includes, apply overrides and validate. Raises ConfigError with a one-line message.
+
+    ``run.name`` defaults to the config file's stem when no file in the include chain sets it.
+    """
+    tree = load_yaml_tree(path)
+    tree.setdefault("run", {})
+    if isinstance(tree["run"], dict):
+        tree["run"].setdefault("name", Path(path).stem)
+    tree = apply_overrides(tree, overrides or [])
+    return validate(tree)

@@ -1,0 +1,105 @@
+"""Process-group setup and the one place that chooses device and backend.
+
+NCCL + CUDA when GPUs exist, gloo + CPU otherwise. Rank/world come from torchrun's
+environment (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE) or, when started by ``srun``
+directly, from SLURM's (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    device: torch.device
+    backend: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def _env_int(*names: str, default: int) -> int:
+    for name in names:
+        if os.environ.get(name):
+            return int(os.environ[name])
+    return default
+
+
+def env_world() -> tuple[int, int, int, int]:
+    """(rank, world_size, local_rank, local_world_size) from torchrun or SLURM variables."""
+    rank = _env_int("RANK", "SLURM_PROCID", default=0)
+    world = _env_int("WORLD_SIZE", "SLURM_NTASKS", default=1)
+    local_rank = _env_int("LOCAL_RANK", "SLURM_LOCALID", default=0)
+    local_world = _env_int("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE", default=world if world == 1 else 1)
+    return rank, world, local_rank, local_world
+
+
+def pick_device_and_backend(local_rank: int) -> tuple[torch.device, str]:
+    if torch.cuda.is_available():
+        return torch.device("cuda", local_rank % torch.cuda.device_count()), "nccl"
+    return torch.device("cpu"), "gloo"
+
+
+def set_cpu_threads(local_world_size: int, threads: int | None = None) -> int:
+    """One share of the cores per local rank (at least one thread), unless told otherwise."""
+    if threads is None:
+        if os.environ.get("OMP_NUM_THREADS"):
+            threads = int(os.environ["OMP_NUM_THREADS"])
+        else:
+            threads = max(1, (os.cpu_count() or 1) // max(1, local_world_size))
+    torch.set_num_threads(threads)
+    return threads
+
+
+def init(threads: int | None = None, timeout_s: float = 600.0) -> DistInfo:
+    """Initialise the default process group if the environment describes more than one rank."""
+    rank, world, local_rank, local_world = env_world()
+    device, backend = pick_device_and_backend(local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    else:
+        set_cpu_threads(local_world, threads)
+    if world > 1 and not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29500")
+        dist.init_process_group(
+            backend=backend,
+            rank=rank,
+            world_size=world,
+            timeout=datetime.timedelta(seconds=timeout_s),
+            device_id=device if device.type == "cuda" else None,
+        )
+    return DistInfo(rank, world, local_rank, local_world, device, backend)
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def broadcast_object(obj, src: int = 0):
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]

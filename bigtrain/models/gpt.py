@@ -1,0 +1,74 @@
+"""GPT-style causal language models built from Hugging Face ``transformers`` classes.
+
+Using transformers' own GPT-2 and Llama classes keeps import from / export to Hugging Face
+native (``from_pretrained`` / ``save_pretrained``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, LlamaConfig, PreTrainedModel
+
+from bigtrain.config import ModelSection
+
+
+def hf_config(cfg: ModelSection, vocab_size: int, seq_len: int):
+    """The transformers config for ``cfg`` (vocab from the tokenizer unless the config sets it)."""
+    vocab = cfg.vocab_size or vocab_size
+    positions = cfg.max_seq_len or seq_len
+    if cfg.name == "gpt2":
+        return GPT2Config(
+            vocab_size=vocab, n_positions=positions, n_embd=cfg.d_model, n_layer=cfg.n_layer,
+            n_head=cfg.n_head, n_inner=cfg.d_ff, resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout,
+            attn_pdrop=cfg.dropout, tie_word_embeddings=cfg.tie_embeddings, bos_token_id=1, eos_token_id=2,
+        )
+    d_ff = cfg.d_ff or 256 * ((int(8 * cfg.d_model / 3) + 255) // 256)
+    return LlamaConfig(
+        vocab_size=vocab, max_position_embeddings=positions, hidden_size=cfg.d_model,
+        intermediate_size=d_ff, num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head,
+        num_key_value_heads=cfg.n_kv_head or cfg.n_head, rope_theta=cfg.rope_theta,
+        attention_dropout=cfg.dropout, tie_word_embeddings=cfg.tie_embeddings, bos_token_id=1, eos_token_id=2,
+    )
+
+
+def build_causal_lm(cfg: ModelSection, vocab_size: int, seq_len: int) -> PreTrainedModel:
+    """A freshly initialised model (seed the RNG first), or ``cfg.pretrained`` loaded from a local dir."""
+    if cfg.pretrained:
+        path = Path(cfg.pretrained)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"model.pretrained: '{path}' is not a Hugging Face model directory (no config.json)")
+        return AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(hf_config(cfg, vocab_size, seq_len), dtype=torch.float32)
+    return model
+
+
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks (unit of FSDP sharding and activation checkpointing)."""
+    base = getattr(model, model.base_model_prefix, model)
+    for attr in ("h", "layers"):
+        blocks = getattr(base, attr, None)
+        if isinstance(blocks, nn.ModuleList):
+            return list(blocks)
+    raise ValueError(f"cannot find transformer blocks in {type(model).__name__}")
+
+
+def flops_per_token(model: PreTrainedModel, seq_len: int) -> float:
+    """Training FLOPs per token: 6 x matmul params + attention scores (PaLM, appendix B).
+
+    Lookup tables (token embeddings when untied, position embeddings) do no matmuls; a tied
+    embedding counts once, as the output projection.
+    """
+    cfg = model.config
+    n = sum(p.numel() for p in model.parameters())
+    inp, out = model.get_input_embeddings(), model.get_output_embeddings()
+    if out is None or out.weight is not inp.weight:
+        n -= inp.weight.numel()
+    wpe = getattr(getattr(model, model.base_model_prefix, model), "wpe", None)
+    if wpe is not None:
+        n -= wpe.weight.numel()
+    n_layer = getattr(cfg, "num_hidden_layers", None) or cfg.n_layer
+    d = getattr(cfg, "hidden_size", None) or cfg.n_embd
+    return 6 * n + 12 * n_layer * d * seq_len

@@ -1,0 +1,32 @@
+"""Text sampling from the model being trained (top-k, temperature), identical on every rank."""
+
+from __future__ import annotations
+
+import torch
+
+from bigtrain.config import RunConfig
+from bigtrain.data.tokenizer import Tokenizer
+from bigtrain.strategies.base import autocast
+
+
+@torch.no_grad()
+def sample_text(strategy, tokenizer: Tokenizer, cfg: RunConfig, prompt: str, max_new_tokens: int,
+                temperature: float = 0.8, top_k: int = 50) -> str:
+    """Every rank must call (sharded engines run collective forwards); all ranks get the same text."""
+    model = strategy.generation_model()
+    was_training = model.training
+    model.eval()
+    gen = torch.Generator().manual_seed(cfg.seed)
+    ids = tokenizer.encode(prompt) or [tokenizer.eos_id]
+    x = torch.tensor([ids], device=strategy.device)
+    context = cfg.model.max_seq_len or cfg.train.seq_len
+    for _ in range(max_new_tokens):
+        with autocast(strategy.device, cfg.precision):
+            logits = model(input_ids=x[:, -context:]).logits[0, -1].float().cpu()
+        logits /= temperature
+        kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
+        logits[logits < kth] = -float("inf")
+        nxt = torch.multinomial(torch.softmax(logits, -1), 1, generator=gen)
+        x = torch.cat([x, nxt.to(x.device).view(1, 1)], dim=1)
+    model.train(was_training)
+    return tokenizer.decode(x[0, len(ids):].tolist())

@@ -1,0 +1,88 @@
+"""One process, one device: the reference every other engine must match."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from bigtrain.optim import build_adamw
+from bigtrain.strategies import memory
+from bigtrain.strategies.base import Strategy, autocast, causal_lm_loss, enable_activation_checkpointing
+
+
+class SingleStrategy(Strategy):
+    name = "single"
+
+    def setup(self, model: nn.Module) -> None:
+        if self.cfg.precision == "fp16" and self.device.type != "cuda":
+            raise ValueError("precision: fp16 needs a CUDA device; use bf16 or fp32 on CPU")
+        if self.cfg.strategy.activation_checkpointing:
+            enable_activation_checkpointing(model)
+        self.raw_model = model.to(self.device)
+        self.optimizer = build_adamw(self.raw_model, self.cfg.optim)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.cfg.precision == "fp16")
+        self.model = torch.compile(self.raw_model) if self.cfg.train.compile else self.raw_model
+
+    def forward_backward(self, x, y, scale, last_micro):
+        with autocast(self.device, self.cfg.precision):
+            loss = causal_lm_loss(self.model, x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
+        self.scaler.scale(loss * scale).backward()
+        return loss.detach()
+
+    def step(self, lr):
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.scaler.unscale_(self.optimizer)
+        params = [p for p in self.raw_model.parameters() if p.grad is not None]
+        max_norm = self.cfg.train.grad_clip or float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm
+
+    def save(self, directory: Path) -> None:
+        state = {k: v.detach().contiguous().cpu() for k, v in self.raw_model.state_dict().items()}
+        save_file(_untie(state), str(directory / "model.safetensors"))
+        torch.save({"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict()},
+                   directory / "optimizer.pt")
+
+    def load(self, directory: Path) -> None:
+        state = load_file(str(directory / "model.safetensors"), device=str(self.device))
+        missing, unexpected = self.raw_model.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not _is_tied(self.raw_model, k)]
+        if missing or unexpected:
+            raise ValueError(f"{directory}/model.safetensors does not match the model "
+                             f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        blob = torch.load(directory / "optimizer.pt", map_location=self.device, weights_only=True)
+        self.optimizer.load_state_dict(blob["optimizer"])
+        self.scaler.load_state_dict(blob["scaler"])
+
+    def full_model_state(self):
+        return {k: v.detach().cpu() for k, v in self.raw_model.state_dict().items()}
+
+    def generation_model(self):
+        return self.raw_model
+
+    def memory_report(self):
+        return memory.report(self.raw_model, self.optimizer, self.device)
+
+
+def _is_tied(model: nn.Module, key: str) -> bool:
+    return key in (getattr(model, "_tied_weights_keys", None) or ()) or key.endswith("lm_head.weight")
+
+
+def _untie(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors refuses shared storage: keep one copy of tied weights."""
+    seen: dict[int, str] = {}
+    out = {}
+    for k, v in state.items():
+        ptr = v.untyped_storage().data_ptr()
+        if ptr in seen:
+            continue
+        seen[ptr] = k
+        out[k] = v
+    return out

@@ -1,0 +1,58 @@
+"""The tracker the training loop talks to: fans records out to files, console and W&B."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from bigtrain.config import RunConfig
+from bigtrain.tracking.console import Console
+from bigtrain.tracking.jsonl import JsonlWriter
+
+
+class Tracker:
+    def __init__(self, cfg: RunConfig, run_dir: Path, is_main: bool, start_step: int = 0):
+        self.is_main = is_main
+        self.console = Console(cfg.train.max_steps, start_step, cfg.tracking.console) if is_main else None
+        self.metrics = self.evals = self.wandb = None
+        if not is_main:
+            return
+        self.metrics = JsonlWriter(run_dir / "metrics.jsonl")
+        self.evals = JsonlWriter(run_dir / "eval.jsonl")
+        if start_step:  # a resumed run: forget records of steps it will redo
+            self.metrics.truncate_after(start_step)
+            self.evals.truncate_after(start_step)
+        if cfg.tracking.wandb.mode != "disabled":
+            from bigtrain.tracking.wandb_run import WandbRun
+
+            self.wandb = WandbRun(cfg.tracking.wandb, cfg.run.name, run_dir, cfg.to_dict())
+
+    def log(self, text: str) -> None:
+        if self.console is not None:
+            self.console.print(text)
+
+    def log_metrics(self, record: dict[str, Any]) -> None:
+        if not self.is_main:
+            return
+        self.metrics.write(record)
+        self.console.metrics(record)
+        if self.wandb:
+            self.wandb.log({f"train/{k}": v for k, v in record.items() if k != "step"}, record["step"])
+
+    def log_eval(self, record: dict[str, Any]) -> None:
+        if not self.is_main:
+            return
+        self.evals.write(record)
+        self.console.print(f"eval step {record['step']} | val_loss {record['val_loss']:.4f} | "
+                           f"val_ppl {record['val_ppl']:.2f}")
+        if self.wandb:
+            self.wandb.log({f"eval/{k}": v for k, v in record.items() if k != "step"}, record["step"])
+
+    def close(self) -> None:
+        if not self.is_main:
+            return
+        self.console.close()
+        self.metrics.close()
+        self.evals.close()
+        if self.wandb:
+            self.wandb.close()

@@ -1,0 +1,203 @@
+"""The training loop, run on every rank: ``python -m bigtrain.train CONFIG [key=value ...]``.
+
+Plain, top to bottom. Engine details live in ``bigtrain.strategies``; nothing here knows which
+engine runs.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as tdist
+
+from bigtrain import dist
+from bigtrain.checkpoint import CheckpointError, CheckpointManager
+from bigtrain.config import ConfigError, RunConfig, load_config
+from bigtrain.data.loader import PackedBatches, eval_batches
+from bigtrain.data.prepare import prepare
+from bigtrain.data.shards import PreparedData, open_prepared
+from bigtrain.data.sources import DataError
+from bigtrain.data.tokenizer import Tokenizer
+from bigtrain.models import build_causal_lm, flops_per_token
+from bigtrain.optim import lr_at
+from bigtrain.perf import peak_flops
+from bigtrain.sample import sample_text
+from bigtrain.strategies import build_strategy
+from bigtrain.tracking import Tracker
+
+EXIT_OK = 0
+EXIT_BAD_INPUT = 2
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    final_step: int
+    val_loss: Optional[float]
+    unigram_entropy: float
+    checkpoint: Optional[Path]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def mean_over_ranks(value: torch.Tensor) -> float:
+    """Host-syncing mean across ranks (only called at log/eval intervals)."""
+    value = value.detach().float().clone()
+    if tdist.is_initialized():
+        tdist.all_reduce(value)
+        value /= tdist.get_world_size()
+    return value.item()
+
+
+def load_data(cfg: RunConfig, info: dist.DistInfo, log) -> PreparedData:
+    """Rank 0 prepares (or finds the cached) data set; the others then open it."""
+    root = None
+    if info.is_main:
+        root = str(prepare(cfg.data, log=log).root)
+    root = dist.broadcast_object(root)
+    return open_prepared(root, verify="size")
+
+
+def evaluate(strategy, cfg: RunConfig, data: PreparedData, info: dist.DistInfo) -> float:
+    strategy.train_mode(False)
+    total = torch.zeros(2)
+    for x, y in eval_batches(data, cfg.train.seq_len, cfg.train.micro_batch_size, cfg.train.eval_batches,
+                             info.rank, info.world_size):
+        total += torch.stack([strategy.eval_loss(x, y).float().cpu(), torch.tensor(1.0)])
+    strategy.train_mode(True)
+    if tdist.is_initialized():
+        tdist.all_reduce(total)
+    return (total[0] / total[1]).item()
+
+
+def train(cfg: RunConfig) -> TrainResult:
+    info = dist.init(threads=cfg.train.threads)
+    cfg.check_world_size(info.world_size)
+    run_dir = cfg.run_dir
+    tracker_log = print if info.is_main else (lambda _msg: None)
+
+    data = load_data(cfg, info, tracker_log)
+    tokenizer = Tokenizer.load(data.tokenizer_path)
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(cfg.to_yaml())
+        tokenizer.save(run_dir / "tokenizer.model")
+    dist.barrier()
+
+    seed_everything(cfg.seed)
+    model = build_causal_lm(cfg.model, data.vocab_size, cfg.train.seq_len)
+    fpt = flops_per_token(model, cfg.train.seq_len)
+    n_params = sum(p.numel() for p in model.parameters())
+    strategy = build_strategy(cfg, info)
+    strategy.setup(model)
+
+    ckpt = CheckpointManager(run_dir, cfg.checkpoint.keep_last, info, log=tracker_log)
+    start_step, resumed_from = 0, None
+    if cfg.checkpoint.resume != "never":
+        path = ckpt.latest_valid() if cfg.checkpoint.resume == "auto" else Path(cfg.checkpoint.resume)
+        path = dist.broadcast_object(path)
+        if path is not None:
+            state = ckpt.load(path, strategy)
+            start_step, resumed_from = state["step"], path
+
+    tracker = Tracker(cfg, run_dir, info.is_main, start_step)
+    tracker.log(f"run {cfg.run.name}: {n_params / 1e6:.2f}M params, strategy {strategy.name} x {info.world_size} "
+                f"({info.device.type}/{info.backend}), precision {cfg.precision}, run dir {run_dir}")
+    if resumed_from:
+        tracker.log(f"resumed from {resumed_from} at step {start_step}")
+
+    batches = PackedBatches(data, cfg.train.seq_len, cfg.train.global_batch_size, cfg.train.micro_batch_size,
+                            info.rank, info.world_size, cfg.seed)
+    accum = cfg.grad_accum_steps(info.world_size)
+    tokens_per_step = cfg.train.global_batch_size * cfg.train.seq_len
+    peak = peak_flops(info.device, cfg.precision)
+    max_steps = cfg.train.max_steps
+    val_loss: Optional[float] = None
+    last_ckpt: Optional[Path] = resumed_from
+
+    t_start = t_last = time.perf_counter()
+    last_logged = start_step
+    loss_sum = torch.zeros((), device=info.device)
+    for step in range(start_step, max_steps):
+        lr = lr_at(step, max_steps, cfg.optim.lr, cfg.schedule)
+        for micro in range(accum):
+            x, y = batches.batch(step, micro)
+            loss_sum += strategy.forward_backward(x, y, scale=1.0 / accum, last_micro=micro == accum - 1)
+        grad_norm = strategy.step(lr)
+        done = step + 1
+
+        if done % cfg.train.log_every == 0 or done == max_steps:
+            loss = mean_over_ranks(loss_sum) / (accum * (done - last_logged))
+            now = time.perf_counter()
+            tps = tokens_per_step * (done - last_logged) / (now - t_last)
+            record = {
+                "step": done, "loss": loss, "lr": lr, "grad_norm": float(grad_norm),
+                "tokens_per_s": tps, "elapsed_s": now - t_start, "tokens_seen": done * tokens_per_step,
+                "epoch": batches.epoch_of(done), "mfu": fpt * tps / (peak * info.world_size),
+                **{f"mem_{k}": v for k, v in strategy.memory_report().items()},
+            }
+            if not math.isfinite(loss):
+                tracker.log(f"step {done}: loss is {loss}; stopping")
+                raise FloatingPointError(f"loss became {loss} at step {done}")
+            tracker.log_metrics(record)
+            loss_sum.zero_()
+            t_last, last_logged = time.perf_counter(), done
+
+        if (cfg.train.eval_every and done % cfg.train.eval_every == 0) or done == max_steps:
+            val_loss = evaluate(strategy, cfg, data, info)
+            tracker.log_eval({"step": done, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))})
+            t_last = time.perf_counter()  # eval time is not training throughput
+
+        save_now = cfg.checkpoint.every_steps and done % cfg.checkpoint.every_steps == 0
+        if save_now or (done == max_steps and cfg.checkpoint.save_final):
+            state = {"step": done, "tokens_seen": done * tokens_per_step, "val_loss": val_loss}
+            last_ckpt = ckpt.save(done, strategy, state, cfg.to_yaml())
+            t_last = time.perf_counter()
+
+    if cfg.train.sample_tokens and start_step < max_steps:
+        text = sample_text(strategy, tokenizer, cfg, cfg.train.sample_prompt, cfg.train.sample_tokens)
+        tracker.log("sample:\n" + text.strip("\n"))
+
+    entropy = float(data.manifest["stats"]["val_unigram_entropy_nats"])
+    if info.is_main:
+        tracker.log(f"run dir:     {run_dir}")
+        tracker.log(f"checkpoint:  {last_ckpt}")
+        tracker.log(f"metrics:     {run_dir / 'metrics.jsonl'}  eval: {run_dir / 'eval.jsonl'}")
+        if val_loss is not None:
+            tracker.log(f"val loss {val_loss:.4f} nats vs unigram entropy {entropy:.4f} nats "
+                        f"(gap {entropy - val_loss:.3f} nats)")
+    tracker.close()
+    dist.barrier()
+    return TrainResult(run_dir, max_steps, val_loss, entropy, last_ckpt)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: python -m bigtrain.train CONFIG [key=value ...]")
+        return EXIT_OK if argv else EXIT_BAD_INPUT
+    try:
+        cfg = load_config(argv[0], argv[1:])
+        train(cfg)
+    except (ConfigError, DataError, CheckpointError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    finally:
+        dist.shutdown()
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""bigtrain launcher: turns a run config into processes. Never imports torch."""

@@ -1,0 +1,94 @@
+"""Config: includes, dotted overrides, validation errors (one line, naming the key)."""
+
+from pathlib import Path
+
+import pytest
+
+from bigtrain.config import ConfigError, load_config
+from conftest import ROOT, run_cli
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_recipe_loads_with_defaults_and_name_from_file():
+    cfg = load_config(ROOT / "configs" / "gpt-tiny.yaml")
+    assert cfg.run.name == "gpt-tiny"
+    assert cfg.model.d_model == 256 and cfg.model.n_layer == 4
+    assert cfg.precision == "bf16"  # from base.yaml
+    assert cfg.schedule.warmup_steps == 20  # from base.yaml
+    assert cfg.run_dir == Path("runs/gpt-tiny")
+
+
+def test_include_order_and_overrides(tmp_path):
+    write(tmp_path / "a.yaml", "optim: {lr: 0.1, weight_decay: 0.5}\ntrain: {max_steps: 7}\n")
+    write(tmp_path / "b.yaml", "defaults: [a.yaml]\noptim: {lr: 0.2}\n")
+    cfg_path = write(tmp_path / "c.yaml", "defaults: [b.yaml]\nrun: {name: c}\n")
+    cfg = load_config(cfg_path, ["optim.lr=3e-4", "train.max_steps=200", "strategy.deepspeed.stage=3"])
+    assert cfg.optim.lr == pytest.approx(3e-4)
+    assert cfg.optim.weight_decay == 0.5  # from a.yaml, untouched by b.yaml
+    assert cfg.train.max_steps == 200
+    assert cfg.strategy.deepspeed.stage == 3
+
+
+@pytest.mark.parametrize("override, expected", [
+    (["optim.lrr=1"], "optim.lrr: unknown config key"),
+    (["optim.lr=abc"], "optim.lr: input should be a valid number"),
+    (["train.max_steps=0"], "train.max_steps: input should be greater than or equal to 1"),
+    (["precision=fp8"], "precision: input should be 'fp32', 'bf16' or 'fp16'"),
+    (["strategy.name=horovod"], "strategy.name: input should be"),
+    (["train.global_batch_size=10", "train.micro_batch_size=4"],
+     "train.global_batch_size (10) must be a multiple of train.micro_batch_size (4)"),
+    (["model.d_model=100", "model.n_head=3"], "model.d_model (100) must be divisible by model.n_head (3)"),
+    (["nonsense"], "override 'nonsense': expected KEY=VALUE"),
+    (["optim.lr.x=1"], "override 'optim.lr.x=1': optim.lr is not a section"),
+])
+def test_validation_errors_name_the_key(override, expected):
+    with pytest.raises(ConfigError) as err:
+        load_config(ROOT / "configs" / "gpt-tiny.yaml", override)
+    assert expected in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_bad_yaml_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = write(tmp_path / "bad.yaml", "optim: {lr: [1, 2\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml line \d+: not valid YAML"):
+        load_config(bad)
+    loop = write(tmp_path / "loop.yaml", "defaults: [loop.yaml]\n")
+    with pytest.raises(ConfigError, match="circular"):
+        load_config(loop)
+
+
+def test_world_size_must_divide_global_batch():
+    cfg = load_config(ROOT / "configs" / "gpt-tiny.yaml", ["train.global_batch_size=16", "train.micro_batch_size=4"])
+    cfg.check_world_size(2)
+    assert cfg.grad_accum_steps(2) == 2
+    with pytest.raises(ConfigError, match=r"multiple of train.micro_batch_size x world size \(4 x 3\)"):
+        cfg.check_world_size(3)
+
+
+def test_cli_bad_config_is_one_line_nonzero_and_writes_nothing(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = run_cli("train", "configs/gpt-tiny.yaml", "optim.lr=-1", f"run.dir={run_dir}")
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "error: optim.lr: input should be greater than 0 (got -1)"
+    assert "Traceback" not in proc.stderr
+    assert not run_dir.exists()
+
+
+def test_cli_world_size_check_before_any_process(tmp_path):
+    proc = run_cli("train", "configs/gpt-tiny.yaml", "--nproc", "3", "strategy.name=ddp", f"run.dir={tmp_path}/r")
+    assert proc.returncode == 2
+    assert "train.global_batch_size (16) must be a multiple of train.micro_batch_size x world size (16 x 3)" in proc.stderr
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(ROOT / "configs" / "gpt-tiny.yaml", ["checkpoint.async=true"])
+    saved = write(tmp_path / "resolved.yaml", cfg.to_yaml())
+    again = load_config(saved)
+    assert again == cfg
+    assert again.checkpoint.async_ is True
