@@ -33,8 +33,8 @@ from bigtrain.sample import sample_text
 from bigtrain.strategies import build_strategy
 from bigtrain.tracking import Tracker
 
-EXIT_OK = 0
-EXIT_BAD_INPUT = 2
+from bigtrain.exit_codes import BAD_INPUT as EXIT_BAD_INPUT
+from bigtrain.exit_codes import OK as EXIT_OK
 
 
 @dataclass

@@ -16,7 +16,7 @@ from typing import Optional
 from bigtrain.config import ConfigError, RunConfig, load_config
 from bigtrain.data.sources import DataError
 
-EXIT_BAD_INPUT = 2
+from bigtrain.exit_codes import BAD_INPUT as EXIT_BAD_INPUT
 
 
 def _fail(message: str) -> int:
