@@ -7,6 +7,7 @@ engine runs.
 from __future__ import annotations
 
 import math
+import os
 import random
 import sys
 import time
@@ -19,7 +20,7 @@ import torch
 import torch.distributed as tdist
 
 from bigtrain import dist
-from bigtrain.checkpoint import CheckpointError, CheckpointManager
+from bigtrain.checkpoint import CheckpointError, CheckpointManager, CheckpointSaveError
 from bigtrain.config import ConfigError, RunConfig, load_config
 from bigtrain.data.loader import PackedBatches, eval_batches
 from bigtrain.data.prepare import prepare
@@ -28,13 +29,20 @@ from bigtrain.data.sources import DataError
 from bigtrain.data.tokenizer import Tokenizer
 from bigtrain.models import build_causal_lm, flops_per_token
 from bigtrain.optim import lr_at
+from bigtrain.preemption import Preemption
 from bigtrain.perf import peak_flops
 from bigtrain.sample import sample_text
 from bigtrain.strategies import build_strategy
 from bigtrain.tracking import Tracker
 
 from bigtrain.exit_codes import BAD_INPUT as EXIT_BAD_INPUT
+from bigtrain.exit_codes import FAILED as EXIT_FAILED
 from bigtrain.exit_codes import OK as EXIT_OK
+from bigtrain.exit_codes import REQUEUE as EXIT_REQUEUE
+
+
+# Tests slow the loop down to kill or signal a run at a chosen step (fault injection).
+STEP_DELAY_S = float(os.environ.get("BIGTRAIN_TEST_STEP_DELAY_S", "0"))
 
 
 @dataclass
@@ -44,6 +52,7 @@ class TrainResult:
     val_loss: Optional[float]
     unigram_entropy: float
     checkpoint: Optional[Path]
+    preempted: bool = False
 
 
 def seed_everything(seed: int) -> None:
@@ -103,14 +112,12 @@ def train(cfg: RunConfig) -> TrainResult:
     strategy = build_strategy(cfg, info)
     strategy.setup(model)
 
-    ckpt = CheckpointManager(run_dir, cfg.checkpoint.keep_last, info, log=tracker_log)
-    start_step, resumed_from = 0, None
-    if cfg.checkpoint.resume != "never":
-        path = ckpt.latest_valid() if cfg.checkpoint.resume == "auto" else Path(cfg.checkpoint.resume)
-        path = dist.broadcast_object(path)
-        if path is not None:
-            state = ckpt.load(path, strategy)
-            start_step, resumed_from = state["step"], path
+    ckpt = CheckpointManager(run_dir, cfg.checkpoint, info, log=tracker_log,
+                             extra_files=(run_dir / "tokenizer.model",))
+    start_step, resumed_from, resume_state = 0, ckpt.agreed_resume_path(), {}
+    if resumed_from is not None:
+        resume_state = ckpt.load(resumed_from, strategy, cfg.model.model_dump(mode="json"))
+        start_step = resume_state["step"]
 
     tracker = Tracker(cfg, run_dir, info.is_main, start_step)
     tracker.log(f"run {cfg.run.name}: {n_params / 1e6:.2f}M params, strategy {strategy.name} x {info.world_size} "
@@ -124,8 +131,9 @@ def train(cfg: RunConfig) -> TrainResult:
     tokens_per_step = cfg.train.global_batch_size * cfg.train.seq_len
     peak = peak_flops(info.device, cfg.precision)
     max_steps = cfg.train.max_steps
-    val_loss: Optional[float] = None
-    last_ckpt: Optional[Path] = resumed_from
+    val_loss: Optional[float] = resume_state.get("val_loss")
+    preempt = Preemption(info.device, cfg.checkpoint.every_minutes)
+    stop = False
 
     t_start = t_last = time.perf_counter()
     last_logged = start_step
@@ -160,11 +168,28 @@ def train(cfg: RunConfig) -> TrainResult:
             tracker.log_eval({"step": done, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))})
             t_last = time.perf_counter()  # eval time is not training throughput
 
-        save_now = cfg.checkpoint.every_steps and done % cfg.checkpoint.every_steps == 0
-        if save_now or (done == max_steps and cfg.checkpoint.save_final):
+        if STEP_DELAY_S:
+            time.sleep(STEP_DELAY_S)
+        stop, time_due = preempt.poll()  # agreed across ranks
+        ckpt.poll()  # commits a finished async save
+        last = done == max_steps
+        periodic = (cfg.checkpoint.every_steps and done % cfg.checkpoint.every_steps == 0) or time_due
+        if periodic or (last and cfg.checkpoint.save_final) or (stop and cfg.checkpoint.save_on_preempt):
             state = {"step": done, "tokens_seen": done * tokens_per_step, "val_loss": val_loss}
-            last_ckpt = ckpt.save(done, strategy, state, cfg.to_yaml())
+            ckpt.save(done, strategy, state, cfg.to_yaml(), asynchronous=cfg.checkpoint.async_ and not (stop or last))
+            preempt.mark_saved()
             t_last = time.perf_counter()
+        if stop:
+            break
+    ckpt.wait()
+    preempt.restore()
+    last_ckpt = ckpt.last_committed
+    if stop:
+        tracker.log(f"preempted ({preempt.requested}) after step {done}: checkpoint {last_ckpt}; "
+                    f"exiting with code {EXIT_REQUEUE} (requeue to resume)")
+        tracker.close()
+        dist.barrier()
+        return TrainResult(run_dir, done, val_loss, 0.0, last_ckpt, preempted=True)
 
     if cfg.train.sample_tokens and start_step < max_steps:
         text = sample_text(strategy, tokenizer, cfg, cfg.train.sample_prompt, cfg.train.sample_tokens)
@@ -190,13 +215,16 @@ def main(argv: Optional[list[str]] = None) -> int:
         return EXIT_OK if argv else EXIT_BAD_INPUT
     try:
         cfg = load_config(argv[0], argv[1:])
-        train(cfg)
+        result = train(cfg)
     except (ConfigError, DataError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except CheckpointSaveError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_FAILED
     finally:
         dist.shutdown()
-    return EXIT_OK
+    return EXIT_REQUEUE if result.preempted else EXIT_OK
 
 
 if __name__ == "__main__":

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from bigtrain.checkpoint import fault_point
 from bigtrain.optim import build_adamw
 from bigtrain.strategies import memory
 from bigtrain.strategies.base import Strategy, autocast, causal_lm_loss, enable_activation_checkpointing
@@ -15,6 +17,7 @@ from bigtrain.strategies.base import Strategy, autocast, causal_lm_loss, enable_
 
 class SingleStrategy(Strategy):
     name = "single"
+    _writer: ThreadPoolExecutor | None = None
 
     def setup(self, model: nn.Module) -> None:
         if self.cfg.precision == "fp16" and self.device.type != "cuda":
@@ -44,19 +47,37 @@ class SingleStrategy(Strategy):
         self.optimizer.zero_grad(set_to_none=True)
         return grad_norm
 
+    def _snapshot(self, copy: bool) -> tuple[dict, dict]:
+        """Model and optimizer state on CPU; ``copy`` clones tensors so training may go on."""
+        def detach(t):
+            return t.detach().to("cpu", copy=True) if copy else t.detach().cpu()
+
+        model = _untie({k: detach(v).contiguous() for k, v in self.raw_model.state_dict().items()})
+        optim = self.optimizer.state_dict()
+        if copy:
+            optim = {"state": {i: {k: detach(v) if torch.is_tensor(v) else v for k, v in st.items()}
+                               for i, st in optim["state"].items()},
+                     "param_groups": [dict(g) for g in optim["param_groups"]]}
+        return model, {"optimizer": optim, "scaler": self.scaler.state_dict()}
+
+    @staticmethod
+    def _write(directory: Path, model: dict, optim: dict) -> None:
+        save_file(model, str(directory / "model.safetensors"))
+        fault_point("checkpoint-engine-write")
+        torch.save(optim, directory / "optimizer.pt")
+
     def save(self, directory: Path) -> None:
-        state = {k: v.detach().contiguous().cpu() for k, v in self.raw_model.state_dict().items()}
-        save_file(_untie(state), str(directory / "model.safetensors"))
-        torch.save({"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict()},
-                   directory / "optimizer.pt")
+        self._write(directory, *self._snapshot(copy=False))
+
+    def async_save(self, directory: Path) -> Future:
+        """Copy the state to CPU now (fast), write the files in a background thread."""
+        model, optim = self._snapshot(copy=True)
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-writer")
+        return self._writer.submit(self._write, directory, model, optim)
 
     def load(self, directory: Path) -> None:
-        state = load_file(str(directory / "model.safetensors"), device=str(self.device))
-        missing, unexpected = self.raw_model.load_state_dict(state, strict=False)
-        missing = [k for k in missing if not _is_tied(self.raw_model, k)]
-        if missing or unexpected:
-            raise ValueError(f"{directory}/model.safetensors does not match the model "
-                             f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        load_model_file(self.raw_model, directory, self.device)
         blob = torch.load(directory / "optimizer.pt", map_location=self.device, weights_only=True)
         self.optimizer.load_state_dict(blob["optimizer"])
         self.scaler.load_state_dict(blob["scaler"])
@@ -69,6 +90,16 @@ class SingleStrategy(Strategy):
 
     def memory_report(self):
         return memory.report(self.raw_model, self.optimizer, self.device)
+
+
+def load_model_file(model: nn.Module, directory: Path, device: torch.device | str = "cpu") -> None:
+    """Load ``directory/model.safetensors`` (full, unsharded weights) into ``model``."""
+    state = load_file(str(directory / "model.safetensors"), device=str(device))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not _is_tied(model, k)]
+    if missing or unexpected:
+        raise ValueError(f"{directory}/model.safetensors does not match the model "
+                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
 
 
 def _is_tied(model: nn.Module, key: str) -> bool:

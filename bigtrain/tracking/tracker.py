@@ -19,9 +19,10 @@ class Tracker:
             return
         self.metrics = JsonlWriter(run_dir / "metrics.jsonl")
         self.evals = JsonlWriter(run_dir / "eval.jsonl")
-        if start_step:  # a resumed run: forget records of steps it will redo
-            self.metrics.truncate_after(start_step)
-            self.evals.truncate_after(start_step)
+        # Records past the starting step belong to an abandoned timeline (a run that died after
+        # its last checkpoint): drop them, the steps are redone.
+        self.metrics.truncate_after(start_step)
+        self.evals.truncate_after(start_step)
         if cfg.tracking.wandb.mode != "disabled":
             from bigtrain.tracking.wandb_run import WandbRun
 

@@ -1,0 +1,161 @@
+"""Export a checkpoint of any engine to a Hugging Face directory.
+
+    python -m bigtrain.export RUN_DIR [--step N] --to hf OUT      (what ``bigtrain export`` runs)
+
+Writes ``config.json``, ``model.safetensors`` (consolidated from shards), ``generation_config.json``
+and the tokenizer (``tokenizer.json`` for ``AutoTokenizer`` plus the original SentencePiece
+``tokenizer.model``), then reloads the directory with ``AutoModelForCausalLM`` and checks that it
+gives the same logits as the checkpointed model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+from typing import Optional
+
+import torch
+import yaml
+
+from bigtrain.checkpoint import CheckpointError, list_checkpoints, verify
+from bigtrain.config import ConfigError, validate
+from bigtrain.data.tokenizer import Tokenizer
+from bigtrain.exit_codes import BAD_INPUT, OK
+from bigtrain.models import build_causal_lm
+
+
+def find_checkpoint(run_dir: Path, step: Optional[int]) -> Path:
+    root = Path(run_dir) / "checkpoints"
+    if step is not None:
+        path = root / f"step-{step}"
+        verify(path)
+        return path
+    for path in list_checkpoints(root):
+        try:
+            verify(path)
+            return path
+        except CheckpointError as err:
+            print(f"export: skipping {path.name}: {err}", file=sys.stderr)
+    raise CheckpointError(f"{root}: no valid checkpoint to export")
+
+
+def load_model_weights(strategy: str, ckpt: Path, model: torch.nn.Module) -> None:
+    """Load a checkpoint's (possibly sharded) weights into a plain, unwrapped model on CPU."""
+    if strategy in ("single", "ddp"):
+        from bigtrain.strategies.single import load_model_file
+
+        load_model_file(model, ckpt)
+    elif strategy == "fsdp":
+        from bigtrain.strategies.fsdp import load_consolidated
+
+        load_consolidated(model, ckpt)
+    elif strategy == "deepspeed":
+        from bigtrain.strategies.deepspeed import load_consolidated
+
+        load_consolidated(model, ckpt)
+    else:
+        raise CheckpointError(f"{ckpt}: unknown strategy '{strategy}' in manifest")
+
+
+def hf_tokenizer(tokenizer_file: Path):
+    """A ``PreTrainedTokenizerFast`` equivalent to bigtrain's SentencePiece model."""
+    from tokenizers import AddedToken
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, normalizers
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import SentencePieceExtractor
+
+    extractor = SentencePieceExtractor(str(tokenizer_file))
+    proto = extractor.proto
+    if proto.trainer_spec.model_type == 1:  # unigram
+        model = models.Unigram([(p.piece, p.score) for p in proto.pieces], unk_id=proto.trainer_spec.unk_id,
+                               byte_fallback=True)
+    else:
+        parts = extractor.extract(models.BPE)
+        model = models.BPE(vocab=parts["vocab"], merges=parts["merges"], unk_token="<unk>", byte_fallback=True,
+                           fuse_unk=True)
+    tok = HFTokenizer(model)
+    tok.normalizer = normalizers.Replace(" ", "▁")
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    tok.add_tokens([AddedToken(p.piece, normalized=False, special=False) for p in proto.pieces if p.type == 4])
+    tok.add_special_tokens([AddedToken(t, special=True) for t in ("<unk>", "<s>", "</s>")])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+def export_hf(run_dir: Path, out: Path, step: Optional[int] = None, force: bool = False,
+              log=print) -> Path:
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+    ckpt = find_checkpoint(run_dir, step)
+    manifest = verify(ckpt, "size")
+    try:
+        cfg = validate(yaml.safe_load((ckpt / "config.yaml").read_text()))
+    except ConfigError as err:
+        raise CheckpointError(f"{ckpt / 'config.yaml'}: {err}") from None
+    tok_file = next((p for p in (ckpt / "tokenizer.model", Path(run_dir) / "tokenizer.model") if p.is_file()), None)
+    if tok_file is None:
+        raise CheckpointError(f"{run_dir}: no tokenizer.model in the checkpoint or the run directory")
+    tokenizer = Tokenizer.load(tok_file)
+    if out.exists() and any(out.iterdir()) and not force:
+        raise CheckpointError(f"{out}: exists and is not empty (pass --force to replace it)")
+
+    torch.manual_seed(0)
+    model = build_causal_lm(cfg.model.model_copy(update={"pretrained": None}), tokenizer.vocab_size, cfg.train.seq_len)
+    load_model_weights(manifest["strategy"], ckpt, model)
+    model.eval()
+
+    tmp = out.parent / f".{out.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    shutil.copy(tok_file, tmp / "tokenizer.model")
+    hf_tok = hf_tokenizer(tok_file)
+    sample = "First Citizen:\nBefore we proceed any further, hear me speak.\n\tcafé"
+    if hf_tok.encode(sample, add_special_tokens=False) == tokenizer.encode(sample):
+        hf_tok.save_pretrained(tmp)
+    else:
+        log("export: WARNING the Hugging Face tokenizer does not reproduce the SentencePiece ids; "
+            "only tokenizer.model is exported")
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+
+    # Check: the exported directory gives the checkpoint's logits.
+    reloaded = AutoModelForCausalLM.from_pretrained(out, local_files_only=True).eval()
+    ids = torch.tensor([tokenizer.encode(sample)[: cfg.train.seq_len]])
+    with torch.no_grad():
+        diff = (reloaded(input_ids=ids).logits - model(input_ids=ids).logits).abs().max().item()
+    log(f"exported {ckpt} ({manifest['strategy']}, {manifest['world_size']} ranks) -> {out}; "
+        f"max |logit difference| after reload: {diff:.2e}")
+    if diff > 1e-4:
+        raise CheckpointError(f"{out}: reloaded model's logits differ from the checkpoint's by {diff:.2e}")
+    return out
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="bigtrain export", description=__doc__.split("\n\n")[0])
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest valid)")
+    parser.add_argument("--to", choices=["hf"], default="hf", help="output format")
+    parser.add_argument("out", type=Path, nargs="?")
+    parser.add_argument("--out", dest="out_opt", type=Path)
+    parser.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+    args = parser.parse_intermixed_args(argv)
+    out = args.out or args.out_opt
+    if out is None:
+        parser.error("missing the output directory (bigtrain export RUN_DIR --to hf OUT)")
+    try:
+        export_hf(args.run_dir, out, args.step, args.force)
+    except CheckpointError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return BAD_INPUT
+    return OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
