@@ -41,15 +41,17 @@ class Preemption:
         self._last_save = time.monotonic()
 
     def poll(self) -> tuple[bool, bool]:
-        """(stop now, time-based save due), agreed by every rank (collective when distributed)."""
-        flags = torch.tensor(
-            [self.requested is not None,
-             self.save_every_s > 0 and time.monotonic() - self._last_save >= self.save_every_s],
-            dtype=torch.int32, device=self.device,
-        )
+        """(stop now, time-based save due), agreed by every rank.
+
+        One process: plain Python, no device sync. Several ranks: a 2-int all-reduce per step
+        (the price of every rank stopping at the same step).
+        """
+        stop = self.requested is not None
+        due = self.save_every_s > 0 and time.monotonic() - self._last_save >= self.save_every_s
         if dist.is_initialized() and dist.get_world_size() > 1:
+            flags = torch.tensor([stop, due], dtype=torch.int32, device=self.device)
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        stop, due = bool(flags[0]), bool(flags[1])
+            stop, due = bool(flags[0]), bool(flags[1])
         if stop and self.requested is None:
             self.requested = "peer rank"
         return stop, due
