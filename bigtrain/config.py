@@ -120,11 +120,38 @@ class ScheduleSection(_Section):
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
 
 
+# DeepSpeed keys bigtrain generates from its own config; `extra` may not override them.
+_DS_MANAGED = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+               "gradient_clipping", "bf16", "fp16")
+
+
 class DeepSpeedSection(_Section):
     stage: int = Field(2, ge=0, le=3)
-    offload_optimizer: bool = False
-    offload_param: bool = False
-    extra: dict[str, Any] = Field(default_factory=dict)
+    offload_optimizer: bool = False  # ZeRO-Offload: optimizer state + step on the CPU (DeepSpeed's CPU Adam)
+    offload_param: bool = False  # ZeRO-Infinity style parameter offload (stage 3 only)
+    extra: dict[str, Any] = Field(default_factory=dict)  # merged into the generated DeepSpeed JSON
+
+    @model_validator(mode="after")
+    def _possible(self) -> "DeepSpeedSection":
+        if self.offload_optimizer and self.stage == 0:
+            raise ValueError("strategy.deepspeed.offload_optimizer needs ZeRO stage 1, 2 or 3 (stage is 0)")
+        if self.offload_param and self.stage != 3:
+            raise ValueError(f"strategy.deepspeed.offload_param needs ZeRO stage 3 (stage is {self.stage})")
+        for key in _DS_MANAGED:
+            if key in self.extra:
+                raise ValueError(f"strategy.deepspeed.extra.{key}: set by bigtrain from train.*/precision; "
+                                 "change those keys instead")
+        zero = self.extra.get("zero_optimization", {})
+        if not isinstance(zero, dict):
+            raise ValueError("strategy.deepspeed.extra.zero_optimization: expected a mapping")
+        if "stage" in zero:
+            raise ValueError("strategy.deepspeed.extra.zero_optimization.stage: use strategy.deepspeed.stage")
+        for key, flag in (("offload_optimizer", self.offload_optimizer), ("offload_param", self.offload_param)):
+            if key in zero and not flag and "optimizer" not in self.extra:
+                raise ValueError(
+                    f"strategy.deepspeed.extra.zero_optimization.{key}: ZeRO-Offload cannot step a client "
+                    f"(torch) optimizer; set strategy.deepspeed.{key}: true so bigtrain configures DeepSpeed's CPU Adam")
+        return self
 
 
 class FSDPSection(_Section):

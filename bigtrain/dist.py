@@ -55,6 +55,14 @@ def pick_device_and_backend(local_rank: int) -> tuple[torch.device, str]:
     return torch.device("cpu"), "gloo"
 
 
+def check_precision_supported(precision: str) -> None:
+    """fp16 needs CUDA (its loss scaling and kernels); called before any process group exists."""
+    if precision == "fp16" and not torch.cuda.is_available():
+        from bigtrain.config import ConfigError
+
+        raise ConfigError("precision: fp16 needs CUDA GPUs; this machine has none (use bf16 or fp32)")
+
+
 def set_cpu_threads(local_world_size: int, threads: int | None = None) -> int:
     """One share of the cores per local rank (at least one thread), unless told otherwise."""
     if threads is None:
@@ -66,17 +74,26 @@ def set_cpu_threads(local_world_size: int, threads: int | None = None) -> int:
     return threads
 
 
-def init(threads: int | None = None, timeout_s: float = 600.0) -> DistInfo:
-    """Initialise the default process group if the environment describes more than one rank."""
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init(threads: int | None = None, timeout_s: float = 600.0, always: bool = False) -> DistInfo:
+    """Initialise the default process group if there is more than one rank (or ``always``:
+    sharded engines need a group even on one rank)."""
     rank, world, local_rank, local_world = env_world()
     device, backend = pick_device_and_backend(local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     else:
         set_cpu_threads(local_world, threads)
-    if world > 1 and not dist.is_initialized():
+    if (world > 1 or always) and not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29500")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()) if world == 1 else "29500")
         dist.init_process_group(
             backend=backend,
             rank=rank,

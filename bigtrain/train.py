@@ -92,7 +92,8 @@ def evaluate(strategy, cfg: RunConfig, data: PreparedData, info: dist.DistInfo) 
 
 
 def train(cfg: RunConfig) -> TrainResult:
-    info = dist.init(threads=cfg.train.threads)
+    dist.check_precision_supported(cfg.precision)
+    info = dist.init(threads=cfg.train.threads, always=cfg.strategy.name != "single")
     cfg.check_world_size(info.world_size)
     run_dir = cfg.run_dir
     tracker_log = print if info.is_main else (lambda _msg: None)

@@ -14,4 +14,16 @@ def build_strategy(cfg: RunConfig, info: DistInfo) -> Strategy:
         from bigtrain.strategies.single import SingleStrategy
 
         return SingleStrategy(cfg, info)
-    raise ValueError(f"strategy.name: '{name}' is not available yet")
+    if name == "ddp":
+        from bigtrain.strategies.ddp import DDPStrategy
+
+        return DDPStrategy(cfg, info)
+    if name == "fsdp":
+        from bigtrain.strategies.fsdp import FSDPStrategy
+
+        return FSDPStrategy(cfg, info)
+    if name == "deepspeed":
+        from bigtrain.strategies.deepspeed import DeepSpeedStrategy
+
+        return DeepSpeedStrategy(cfg, info)
+    raise ValueError(f"strategy.name: unknown strategy '{name}'")

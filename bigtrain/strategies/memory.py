@@ -16,7 +16,7 @@ def tensor_bytes(tensors) -> int:
         if t is None or not isinstance(t, torch.Tensor):
             continue
         local = t.to_local() if hasattr(t, "to_local") else t
-        key = (local.untyped_storage().data_ptr(), local.numel())
+        key = (local.data_ptr(), local.numel())  # views into one flat buffer are distinct tensors
         if key in seen:
             continue
         seen.add(key)

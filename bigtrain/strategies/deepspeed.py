@@ -1,0 +1,193 @@
+"""DeepSpeed ZeRO stages 0-3 with optional CPU offload, configured from the bigtrain config.
+
+The DeepSpeed JSON is generated (``deepspeed_config``) from bigtrain's keys: batch sizes,
+gradient accumulation, clipping, precision, ZeRO stage, bucket sizes scaled to the model, and
+offload. ``strategy.deepspeed.extra`` is merged on top (escape hatch) and the result is
+validated by DeepSpeed's own config parser. Checkpoints are DeepSpeed's native ones; resuming
+on a different world size converts them to a universal checkpoint first (``ds_to_universal``).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from bigtrain.checkpoint import fault_point
+from bigtrain.config import RunConfig, deep_merge
+from bigtrain.optim import adamw_kwargs, param_groups
+from bigtrain.strategies import memory
+from bigtrain.strategies.base import Strategy, causal_lm_loss, enable_activation_checkpointing
+
+DS_DIR = "deepspeed"
+TAG = "state"
+
+
+def _bucket(n_params: int) -> int:
+    """Communication bucket (elements): DeepSpeed's 5e8 default reserves GBs for small models."""
+    return int(min(5e8, max(1e5, n_params // 4)))
+
+
+def deepspeed_config(cfg: RunConfig, world_size: int, n_params: int) -> dict[str, Any]:
+    ds = cfg.strategy.deepspeed
+    zero: dict[str, Any] = {
+        "stage": ds.stage,
+        "reduce_bucket_size": _bucket(n_params),
+        "allgather_bucket_size": _bucket(n_params),
+        "overlap_comm": False,
+        "contiguous_gradients": True,
+    }
+    if ds.stage == 3:
+        zero.update({"stage3_prefetch_bucket_size": _bucket(n_params),
+                     "stage3_param_persistence_threshold": int(min(1e5, n_params // 100)),
+                     "stage3_gather_16bit_weights_on_model_save": False})
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if ds.offload_param:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    config: dict[str, Any] = {
+        "train_batch_size": cfg.train.global_batch_size,
+        "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
+        "gradient_accumulation_steps": cfg.grad_accum_steps(world_size),
+        "gradient_clipping": cfg.train.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": cfg.precision == "bf16"},
+        "fp16": {"enabled": cfg.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+        "zero_allow_untested_optimizer": True,
+    }
+    if ds.offload_optimizer or ds.offload_param:
+        # ZeRO-Offload steps on the CPU with DeepSpeed's own (CPU) Adam.
+        opt = cfg.optim
+        config["optimizer"] = {"type": "AdamW", "params": {
+            "lr": opt.lr, "betas": [opt.beta1, opt.beta2], "eps": opt.eps, "weight_decay": opt.weight_decay}}
+    return deep_merge(config, ds.extra)
+
+
+class DeepSpeedStrategy(Strategy):
+    name = "deepspeed"
+
+    def setup(self, model: nn.Module) -> None:
+        import deepspeed
+
+        if self.cfg.precision == "fp16" and self.device.type != "cuda":
+            raise ValueError("precision: fp16 needs a CUDA device; use bf16 or fp32 on CPU")
+        if self.cfg.strategy.activation_checkpointing:
+            enable_activation_checkpointing(model)
+        n_params = sum(p.numel() for p in model.parameters())
+        self.ds_config = deepspeed_config(self.cfg, self.info.world_size, n_params)
+        groups = param_groups(model, self.cfg.optim.weight_decay)
+        optimizer = None
+        if "optimizer" not in self.ds_config:
+            opt_cfg = self.cfg.optim
+            if opt_cfg.implementation == "auto":
+                opt_cfg = opt_cfg.model_copy(update={"implementation": "foreach"})
+            optimizer = torch.optim.AdamW(groups, **adamw_kwargs(opt_cfg))
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, model_parameters=groups if optimizer is None else None,
+            config=self.ds_config, dist_init_required=False)
+        self.model = self.engine
+
+    def forward_backward(self, x, y, scale, last_micro):
+        # DeepSpeed divides by its gradient_accumulation_steps itself (== 1/scale) and steps only
+        # at the accumulation boundary, so the engine is called on every micro-batch.
+        loss = causal_lm_loss(self.engine, x.to(self.device), y.to(self.device))
+        self.engine.backward(loss)
+        if not last_micro:
+            self.engine.step()
+        return loss.detach().float()
+
+    def step(self, lr):
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = lr
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        return torch.as_tensor(norm if norm is not None else float("nan"), dtype=torch.float32)
+
+    def eval_loss(self, x, y):
+        with torch.no_grad():
+            return causal_lm_loss(self.engine, x.to(self.device), y.to(self.device))
+
+    # -- checkpoints: DeepSpeed native -----------------------------------------------------
+    def save(self, directory: Path) -> None:
+        self.engine.save_checkpoint(str(directory / DS_DIR), tag=TAG, save_latest=False)
+        fault_point("checkpoint-engine-write")
+
+    def load(self, directory: Path) -> None:
+        manifest = json.loads((directory / "manifest.json").read_text())
+        source = directory / DS_DIR
+        if manifest["world_size"] != self.info.world_size:
+            source = self._universal(directory)
+            self.engine._config.load_universal_checkpoint = True
+        path, _ = self.engine.load_checkpoint(str(source), tag=TAG, load_optimizer_states=True,
+                                              load_lr_scheduler_states=False)
+        self.engine._config.load_universal_checkpoint = False
+        if path is None:
+            raise RuntimeError(f"{source}: DeepSpeed could not load the checkpoint")
+
+    def _universal(self, directory: Path) -> Path:
+        """Convert to a universal checkpoint (once, next to the checkpoint) for a new world size."""
+        import torch.distributed as dist
+
+        out = directory.parent / f".{directory.name}.universal"
+        if self.info.is_main and not (out / TAG / "zero").is_dir():
+            subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
+                            "--input_folder", str(directory / DS_DIR / TAG), "--output_folder", str(out / TAG),
+                            "--num_extract_workers", "1", "--num_merge_workers", "1"],
+                           check=True, capture_output=True)
+        if dist.is_initialized():
+            dist.barrier()
+        return out
+
+    def full_model_state(self):
+        if self.cfg.strategy.deepspeed.stage == 3:
+            import deepspeed
+
+            params = list(self.engine.module.parameters())
+            with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+                return {k: v.detach().float().cpu().clone() for k, v in self.engine.module.state_dict().items()}
+        return {k: v.detach().float().cpu() for k, v in self.engine.module.state_dict().items()}
+
+    def generation_model(self):
+        return self.engine
+
+    def memory_report(self):
+        opt = self.engine.optimizer
+        params = list(self.engine.module.parameters())
+        # ZeRO-3 replaces parameters by empty placeholders and keeps this rank's partition in ds_tensor.
+        local = [getattr(p, "ds_tensor", p) for p in params]
+        report = {
+            "param_bytes": memory.tensor_bytes(local),
+            "grad_bytes": 0,
+            "optimizer_state_bytes": 0,
+            **memory.peak_bytes(self.device),
+        }
+        inner = getattr(opt, "optimizer", opt)  # ZeRO wraps the torch optimizer
+        report["optimizer_state_bytes"] = memory.optimizer_state_bytes(inner)
+        masters = (getattr(opt, "single_partition_of_fp32_groups", None)
+                   or getattr(opt, "fp32_partitioned_groups_flat", None) or [])
+        report["ds_fp32_master_partition_bytes"] = memory.tensor_bytes(masters)
+        grads = getattr(opt, "averaged_gradients", None) or {}
+        grad_list = [g for v in (grads.values() if isinstance(grads, dict) else grads) for g in (v or [])]
+        report["grad_bytes"] = memory.tensor_bytes(grad_list) or report["ds_fp32_master_partition_bytes"]
+        buckets = self.ds_config["zero_optimization"]["reduce_bucket_size"]
+        report["ds_reduce_bucket_bytes"] = int(buckets) * (2 if self.cfg.precision != "fp32" else 4)
+        return report
+
+
+def load_consolidated(model: nn.Module, directory: Path) -> None:
+    """Load a DeepSpeed checkpoint's fp32 weights (all ZeRO partitions merged) into a plain model."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    state = get_fp32_state_dict_from_zero_checkpoint(str(Path(directory) / DS_DIR), tag=TAG)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {k for k in missing if k.endswith("lm_head.weight")}
+    if set(missing) - tied or unexpected:
+        raise ValueError(f"{directory}: DeepSpeed weights do not match the model "
+                         f"(missing {sorted(set(missing) - tied)[:3]}, unexpected {unexpected[:3]})")

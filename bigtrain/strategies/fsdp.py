@@ -1,0 +1,152 @@
+"""FSDP2: ``fully_shard`` per transformer block and at the root, sharded (DCP) checkpoints.
+
+Parameters, gradients and optimizer state live as DTensor shards (1/N per rank). Mixed
+precision is FSDP's own ``MixedPrecisionPolicy`` (bf16/fp16 compute copies, fp32 gradient
+reduction, fp32 master shards). Multi-node: ``strategy.fsdp.replicate`` x ``shard`` = world size
+gives HSDP (shard within a group, replicate across groups). Checkpoints go through
+torch.distributed.checkpoint, which reshards on load when the world size changed.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+from bigtrain.checkpoint import fault_point
+from bigtrain.models import transformer_blocks
+from bigtrain.optim import adamw_kwargs, param_groups
+from bigtrain.strategies import memory
+from bigtrain.strategies.base import Strategy, causal_lm_loss, enable_activation_checkpointing
+
+DCP_DIR = "dcp"
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+class FSDPStrategy(Strategy):
+    name = "fsdp"
+
+    def _mesh(self):
+        fcfg = self.cfg.strategy.fsdp
+        world = self.info.world_size
+        shard = fcfg.shard or world // fcfg.replicate
+        if fcfg.replicate * shard != world:
+            raise ValueError(f"strategy.fsdp.replicate x shard ({fcfg.replicate} x {shard}) must equal the world size ({world})")
+        if fcfg.replicate == 1:
+            return init_device_mesh(self.device.type, (world,), mesh_dim_names=("shard",))
+        return init_device_mesh(self.device.type, (fcfg.replicate, shard), mesh_dim_names=("replicate", "shard"))
+
+    def setup(self, model: nn.Module) -> None:
+        if self.cfg.precision == "fp16" and self.device.type != "cuda":
+            raise ValueError("precision: fp16 needs a CUDA device; use bf16 or fp32 on CPU")
+        fcfg = self.cfg.strategy.fsdp
+        if self.cfg.strategy.activation_checkpointing:
+            enable_activation_checkpointing(model)
+        model.to(self.device)
+        kwargs = {"mesh": self._mesh(), "reshard_after_forward": fcfg.reshard_after_forward}
+        if self.cfg.precision in _DTYPES:
+            kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=_DTYPES[self.cfg.precision],
+                                                       reduce_dtype=torch.float32)
+        if fcfg.cpu_offload:
+            kwargs["offload_policy"] = CPUOffloadPolicy()
+        for block in transformer_blocks(model):
+            fully_shard(block, **kwargs)
+        fully_shard(model, **kwargs)
+        self.model = self.raw_model = model
+        groups = param_groups(model, self.cfg.optim.weight_decay)
+        opt_cfg = self.cfg.optim
+        if opt_cfg.implementation == "auto":  # fused AdamW does not take DTensor shards everywhere
+            opt_cfg = opt_cfg.model_copy(update={"implementation": "foreach"})
+        self.optimizer = torch.optim.AdamW(groups, **adamw_kwargs(opt_cfg))
+        self.scaler = None
+        if self.cfg.precision == "fp16":
+            from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+            self.scaler = ShardedGradScaler()
+
+    def forward_backward(self, x, y, scale, last_micro):
+        self.model.set_requires_gradient_sync(last_micro)  # reduce-scatter only on the last micro-batch
+        loss = causal_lm_loss(self.model, x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
+        scaled = loss * scale
+        (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+        return loss.detach()
+
+    def step(self, lr):
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        max_norm = self.cfg.train.grad_clip or float("inf")
+        # The norm of DTensor gradients is the global norm over every shard.
+        grad_norm = _full(torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True))
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm
+
+    def eval_loss(self, x, y):
+        with torch.no_grad():
+            return causal_lm_loss(self.model, x.to(self.device), y.to(self.device))
+
+    # -- checkpoints: sharded, through DCP ---------------------------------------------------
+    def _state(self) -> dict:
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        state = {"model": model_sd, "optim": optim_sd}
+        if self.scaler:
+            state["scaler"] = self.scaler.state_dict()
+        return state
+
+    def save(self, directory: Path) -> None:
+        dcp.save(self._state(), checkpoint_id=str(directory / DCP_DIR))
+        fault_point("checkpoint-engine-write")
+
+    def async_save(self, directory: Path) -> Future:
+        return dcp.async_save(self._state(), checkpoint_id=str(directory / DCP_DIR))
+
+    def load(self, directory: Path) -> None:
+        state = self._state()
+        dcp.load(state, checkpoint_id=str(directory / DCP_DIR))  # reshards if the world size changed
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        if self.scaler and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
+
+    def full_model_state(self):
+        return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def generation_model(self):
+        return self.model
+
+    def memory_report(self):
+        report = memory.report(self.model, self.optimizer, self.device)  # local shards only
+        # While a block runs, its parameters are all-gathered (unsharded) in the compute dtype.
+        compute_bytes = 2 if self.cfg.precision in _DTYPES else 4
+        report["fsdp_unsharded_block_bytes"] = max(
+            (sum(p.numel() for p in block.parameters()) * compute_bytes for block in transformer_blocks(self.model)),
+            default=0)
+        return report
+
+
+def load_consolidated(model: nn.Module, directory: Path) -> None:
+    """Load a DCP checkpoint's model weights into a plain model, without a process group."""
+    state = {"model": model.state_dict()}
+    dcp.load(state, checkpoint_id=str(Path(directory) / DCP_DIR), no_dist=True)
+    model.load_state_dict(state["model"])

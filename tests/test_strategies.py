@@ -1,0 +1,113 @@
+"""One config, every engine: loss parity with the single process, sharded memory, offload,
+and configuration errors caught before any process group exists. Real 2-rank runs (gloo)."""
+
+from __future__ import annotations
+
+import pytest
+
+from bigtrain.config import ConfigError, load_config
+from conftest import ROOT, read_jsonl, run_cli, train_args
+
+STEPS = 10
+ENGINES = {
+    "ddp": ["strategy.name=ddp"],
+    "fsdp": ["strategy.name=fsdp"],
+    "zero1": ["strategy.name=deepspeed", "strategy.deepspeed.stage=1"],
+    "zero2": ["strategy.name=deepspeed", "strategy.deepspeed.stage=2"],
+    "zero3": ["strategy.name=deepspeed", "strategy.deepspeed.stage=3"],
+}
+
+
+def run(tmp_path_factory, cache_dir, tiny_text, name, nproc, *extra):
+    run_dir = tmp_path_factory.mktemp(name) / "run"
+    proc = run_cli(*train_args(run_dir, cache_dir, tiny_text, f"train.max_steps={STEPS}", "train.sample_tokens=0",
+                               "checkpoint.save_final=false", "--nproc", str(nproc), *extra))
+    assert proc.returncode == 0, f"{name}: {proc.stdout[-2000:]}{proc.stderr[-3000:]}"
+    return read_jsonl(run_dir / "metrics.jsonl")
+
+
+@pytest.fixture(scope="module")
+def fp32_runs(tmp_path_factory, cache_dir, tiny_text):
+    runs = {"single": run(tmp_path_factory, cache_dir, tiny_text, "single", 1)}
+    for name, extra in ENGINES.items():
+        runs[name] = run(tmp_path_factory, cache_dir, tiny_text, name, 2, *extra)
+    return runs
+
+
+pytestmark = [pytest.mark.dist, pytest.mark.slow]
+
+
+@pytest.mark.parametrize("engine", list(ENGINES))
+def test_fp32_loss_parity_with_single_process(fp32_runs, engine):
+    single = [m["loss"] for m in fp32_runs["single"]]
+    other = [m["loss"] for m in fp32_runs[engine]]
+    assert len(other) == STEPS
+    assert other == pytest.approx(single, abs=1e-4)
+    # the clipped global norm is the single-process norm
+    assert [m["grad_norm"] for m in fp32_runs[engine]] == pytest.approx(
+        [m["grad_norm"] for m in fp32_runs["single"]], rel=1e-3)
+
+
+def test_bf16_runs_agree(tmp_path_factory, cache_dir, tiny_text):
+    single = [m["loss"] for m in run(tmp_path_factory, cache_dir, tiny_text, "bf16-single", 1, "precision=bf16")]
+    for name in ("ddp", "fsdp", "zero2"):
+        losses = [m["loss"] for m in run(tmp_path_factory, cache_dir, tiny_text, f"bf16-{name}", 2, "precision=bf16",
+                                         *ENGINES[name])]
+        assert losses == pytest.approx(single, abs=2e-2), name
+    assert single[-1] < single[0] - 0.5
+
+
+def test_sharded_memory_per_rank(fp32_runs):
+    mem = {name: fp32_runs[name][-1] for name in ENGINES}
+    ddp = mem["ddp"]
+    for name in ("fsdp", "zero3"):
+        assert mem[name]["mem_param_bytes"] <= 0.55 * ddp["mem_param_bytes"], name
+        assert mem[name]["mem_optimizer_state_bytes"] <= 0.55 * ddp["mem_optimizer_state_bytes"], name
+    for name in ("zero1", "zero2"):
+        assert mem[name]["mem_optimizer_state_bytes"] <= 0.55 * ddp["mem_optimizer_state_bytes"], name
+    # What each engine really holds is named in the report.
+    assert "mem_ddp_bucket_bytes" in ddp
+    assert "mem_fsdp_unsharded_block_bytes" in mem["fsdp"]
+    for name in ("zero1", "zero2", "zero3"):
+        assert mem[name]["mem_ds_fp32_master_partition_bytes"] > 0
+        assert "mem_ds_reduce_bucket_bytes" in mem[name]
+
+
+def test_activation_checkpointing_under_every_engine(tmp_path_factory, cache_dir, tiny_text, fp32_runs):
+    for name in ("fsdp", "zero3"):
+        losses = [m["loss"] for m in run(tmp_path_factory, cache_dir, tiny_text, f"ac-{name}", 2,
+                                         "strategy.activation_checkpointing=true", "train.max_steps=4",
+                                         *ENGINES[name])]
+        assert losses == pytest.approx([m["loss"] for m in fp32_runs["single"][:4]], abs=1e-4), name
+
+
+def test_zero_offload_matches_non_offload(tmp_path_factory, cache_dir, tiny_text, fp32_runs):
+    offload = run(tmp_path_factory, cache_dir, tiny_text, "offload", 2, *ENGINES["zero2"],
+                  "strategy.deepspeed.offload_optimizer=true")
+    assert [m["loss"] for m in offload] == pytest.approx([m["loss"] for m in fp32_runs["zero2"]], abs=1e-4)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["strategy.name=megatron"], "strategy.name: input should be 'single', 'ddp', 'fsdp' or 'deepspeed'"),
+    (["strategy.name=deepspeed", "strategy.deepspeed.stage=0", "strategy.deepspeed.offload_optimizer=true"],
+     "strategy.deepspeed.offload_optimizer needs ZeRO stage 1, 2 or 3"),
+    (["strategy.name=deepspeed", "strategy.deepspeed.extra={zero_optimization: {offload_optimizer: {device: cpu}}}"],
+     "ZeRO-Offload cannot step a client (torch) optimizer"),
+    (["strategy.deepspeed.extra={train_batch_size: 64}"], "strategy.deepspeed.extra.train_batch_size: set by bigtrain"),
+])
+def test_impossible_combinations_fail_at_validation(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(ROOT / "configs" / "gpt-tiny.yaml", overrides)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_cli_errors_before_any_process_group(tmp_path, cache_dir, tiny_text):
+    fp16 = run_cli(*train_args(tmp_path / "a", cache_dir, tiny_text, "precision=fp16", "strategy.name=ddp",
+                               "--nproc", "2"))
+    assert fp16.returncode != 0
+    assert "precision: fp16 needs CUDA GPUs" in fp16.stderr
+    assert "init_process_group" not in fp16.stderr and "Traceback" not in fp16.stderr.split("error:")[0][-300:]
+    odd = run_cli(*train_args(tmp_path / "b", cache_dir, tiny_text, "strategy.name=fsdp", "--nproc", "3"))
+    assert odd.returncode == 2
+    assert odd.stderr.strip() == ("error: train.global_batch_size (8) must be a multiple of "
+                                  "train.micro_batch_size x world size (4 x 3)")
