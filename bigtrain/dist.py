@@ -82,6 +82,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _attempt_store(rank: int, world: int, timeout: datetime.timedelta) -> dist.Store:
+    """The rendezvous store, with keys prefixed by torchrun's restart count.
+
+    After torchrun restarts its workers (``--max-restarts``), the store still holds the
+    previous attempt's keys (gloo's peer addresses among them); fresh keys per attempt keep the
+    new workers from connecting to dead peers.
+    """
+    use_agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                          is_master=rank == 0 and not use_agent_store, timeout=timeout, multi_tenant=True)
+    return dist.PrefixStore(f"bigtrain/attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+
+
 def init(threads: int | None = None, timeout_s: float = 600.0, always: bool = False) -> DistInfo:
     """Initialise the default process group if there is more than one rank (or ``always``:
     sharded engines need a group even on one rank)."""
@@ -94,11 +107,17 @@ def init(threads: int | None = None, timeout_s: float = 600.0, always: bool = Fa
     if (world > 1 or always) and not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()) if world == 1 else "29500")
+        # Engines (DeepSpeed) read these directly; srun or a plain `python` may not have set them.
+        for name, value in (("RANK", rank), ("WORLD_SIZE", world), ("LOCAL_RANK", local_rank),
+                            ("LOCAL_WORLD_SIZE", local_world)):
+            os.environ.setdefault(name, str(value))
+        timeout = datetime.timedelta(seconds=timeout_s)
         dist.init_process_group(
             backend=backend,
+            store=_attempt_store(rank, world, timeout),
             rank=rank,
             world_size=world,
-            timeout=datetime.timedelta(seconds=timeout_s),
+            timeout=timeout,
             device_id=device if device.type == "cuda" else None,
         )
     return DistInfo(rank, world, local_rank, local_world, device, backend)

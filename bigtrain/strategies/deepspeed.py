@@ -125,8 +125,13 @@ class DeepSpeedStrategy(Strategy):
         if manifest["world_size"] != self.info.world_size:
             source = self._universal(directory)
             self.engine._config.load_universal_checkpoint = True
+        # DeepSpeed's universal loader copies group 0's hyper-parameters into every group, which
+        # would put weight decay on biases and norms: keep the configured ones.
+        hyper = [{k: v for k, v in g.items() if k != "params"} for g in self.engine.optimizer.param_groups]
         path, _ = self.engine.load_checkpoint(str(source), tag=TAG, load_optimizer_states=True,
                                               load_lr_scheduler_states=False)
+        for group, saved in zip(self.engine.optimizer.param_groups, hyper):
+            group.update(saved)
         self.engine._config.load_universal_checkpoint = False
         if path is None:
             raise RuntimeError(f"{source}: DeepSpeed could not load the checkpoint")
