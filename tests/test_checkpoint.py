@@ -244,8 +244,7 @@ def test_export_to_hugging_face_gives_the_same_logits(tmp_path, reference):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = tmp_path / "hf"
-    proc = subprocess.run([sys.executable, "-m", "bigtrain.export", str(reference), "--to", "hf", str(out)],
-                          capture_output=True, text=True, cwd=ROOT, env={**os.environ, **OFFLINE_ENV})
+    proc = run_cli("export", str(reference), "--to", "hf", str(out))
     assert proc.returncode == 0, proc.stderr
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer.model"} <= {p.name for p in out.iterdir()}
     model = AutoModelForCausalLM.from_pretrained(out, local_files_only=True).eval()
@@ -268,6 +267,5 @@ def test_export_to_hugging_face_gives_the_same_logits(tmp_path, reference):
     ids = torch.tensor([sp.encode(text)])
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, ours(input_ids=ids).logits)
-    again = subprocess.run([sys.executable, "-m", "bigtrain.export", str(reference), "--to", "hf", str(out)],
-                           capture_output=True, text=True, cwd=ROOT, env={**os.environ, **OFFLINE_ENV})
+    again = run_cli("export", str(reference), "--to", "hf", str(out))
     assert again.returncode == 2 and "exists and is not empty" in again.stderr

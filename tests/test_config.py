@@ -83,7 +83,7 @@ def test_cli_bad_config_is_one_line_nonzero_and_writes_nothing(tmp_path):
 def test_cli_world_size_check_before_any_process(tmp_path):
     proc = run_cli("train", "configs/gpt-tiny.yaml", "--nproc", "3", "strategy.name=ddp", f"run.dir={tmp_path}/r")
     assert proc.returncode == 2
-    assert "train.global_batch_size (16) must be a multiple of train.micro_batch_size x world size (16 x 3)" in proc.stderr
+    assert "train.global_batch_size (16) must be a multiple of train.micro_batch_size x world size (8 x 3)" in proc.stderr
 
 
 def test_resolved_config_round_trips(tmp_path):
