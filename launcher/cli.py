@@ -3,6 +3,11 @@
     bigtrain train CONFIG [key=value ...] [--nproc N] [--dry-run]
     bigtrain data prepare CONFIG [key=value ...]     (or --path TEXT [--vocab-size V] [--out DIR])
     bigtrain data download NAME DIR
+    bigtrain launch CONFIG [key=value ...] [--nnodes N --nproc-per-node P --node-rank R
+                    --rdzv-endpoint HOST:PORT --max-restarts K] [--dry-run]    (torchrun / deepspeed)
+    bigtrain submit CONFIG [key=value ...] [--sweep KEY=[...] ...] [--follow] [--dry-run]   (SLURM)
+    bigtrain status|logs|cancel RUN_DIR
+    bigtrain sweep-report RUN_DIR [--json]
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import argparse
 import os
 import shlex
 import sys
+from pathlib import Path
 from typing import Optional
 
 from bigtrain.config import ConfigError, RunConfig, load_config
@@ -85,6 +91,59 @@ def cmd_data_download(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_launch(args: argparse.Namespace) -> int:
+    from launcher.local import launch
+
+    return launch(args.config, args.overrides, nnodes=args.nnodes, nproc_per_node=args.nproc_per_node,
+                  node_rank=args.node_rank, rdzv_endpoint=args.rdzv_endpoint, rdzv_id=args.rdzv_id,
+                  max_restarts=args.max_restarts, hostfile=args.hostfile, dry_run=args.dry_run)
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from launcher.slurm import submit
+
+    return submit(args.config, args.overrides, template=args.template, dry_run=args.dry_run,
+                  follow_log=args.follow, sweeps=args.sweep, sweep_mode=args.sweep_mode, trials=args.trials,
+                  sweep_seed=args.sweep_seed, array_parallel=args.parallel, parsable=args.parsable)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from launcher.slurm import status
+
+    return status(Path(args.run_dir), as_json=args.json)
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    from launcher.slurm import logs
+
+    return logs(Path(args.run_dir), follow_log=args.follow, task=args.task)
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    from launcher.slurm import cancel
+
+    return cancel(Path(args.run_dir))
+
+
+def cmd_sweep_report(args: argparse.Namespace) -> int:
+    from launcher.sweep import report
+
+    print(report(Path(args.run_dir), as_json=args.json, sort_by=args.sort_by))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Runs ``python -m bigtrain.export`` (the launcher itself never imports torch)."""
+    cmd = [sys.executable, "-m", "bigtrain.export", args.run_dir, "--to", args.to, args.out]
+    if args.step is not None:
+        cmd += ["--step", str(args.step)]
+    if args.force:
+        cmd.append("--force")
+    sys.stdout.flush()
+    os.execv(cmd[0], cmd)
+    return 0  # not reached
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bigtrain", description="Train large models: one config, any scale.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -108,6 +167,61 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", choices=["shakespeare"])
     p.add_argument("dest", help="directory to write the text files into")
     p.set_defaults(func=cmd_data_download)
+
+    p = sub.add_parser("launch", help="start the ranks with torchrun (c10d rendezvous), on this node or several")
+    p.add_argument("config", help="run config YAML")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. strategy.name=fsdp")
+    p.add_argument("--nnodes", type=int, default=None, help="nodes (default: resources.nodes)")
+    p.add_argument("--nproc-per-node", type=int, default=None, help="ranks per node (default: resources.procs_per_node)")
+    p.add_argument("--node-rank", type=int, default=0, help="this node's rank, 0..nnodes-1")
+    p.add_argument("--rdzv-endpoint", default=None,
+                   help="HOST:PORT of the c10d rendezvous, the same on every node (required with --nnodes > 1)")
+    p.add_argument("--rdzv-id", default=None, help="rendezvous id, the same on every node (default: bigtrain-<run.name>)")
+    p.add_argument("--max-restarts", type=int, default=None, help="restart failed workers K times (default: resources.max_restarts)")
+    p.add_argument("--hostfile", default=None, help="launcher=deepspeed: hostfile (default: generated in the run dir)")
+    p.add_argument("--dry-run", action="store_true", help="print the command and exit")
+    p.set_defaults(func=cmd_launch)
+
+    p = sub.add_parser("submit", help="render an sbatch script into the run dir and submit it to SLURM")
+    p.add_argument("config", help="run config YAML")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. resources.nodes=2")
+    p.add_argument("--template", default=None, help="sbatch template (default: resources.template or slurm/bigtrain.sbatch)")
+    p.add_argument("--follow", action="store_true", help="print the job's log until it finishes")
+    p.add_argument("--dry-run", action="store_true", help="print the script and exit (writes and submits nothing)")
+    p.add_argument("--parsable", action="store_true", help="print only the job id")
+    p.add_argument("--sweep", action="append", default=[], metavar="KEY=[V,...]",
+                   help="sweep a key over values: one job array (repeat for a grid)")
+    p.add_argument("--sweep-mode", choices=["grid", "random"], default="grid")
+    p.add_argument("--trials", type=int, default=None, help="random mode: how many settings to draw")
+    p.add_argument("--sweep-seed", type=int, default=0, help="random mode: seed for the draws")
+    p.add_argument("--parallel", type=int, default=None, help="run at most N array tasks at once")
+    p.set_defaults(func=cmd_submit)
+
+    for name, func, text in (("status", cmd_status, "state of a submitted run (squeue/scontrol/sacct)"),
+                             ("logs", cmd_logs, "print a submitted run's SLURM log"),
+                             ("cancel", cmd_cancel, "cancel a submitted run (scancel)")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("run_dir", help="the run directory `bigtrain submit` wrote")
+        if name == "status":
+            p.add_argument("--json", action="store_true", help="print JSON")
+        if name == "logs":
+            p.add_argument("-f", "--follow", action="store_true", help="keep printing until the job finishes")
+            p.add_argument("--task", type=int, default=None, help="array task index (default: all)")
+        p.set_defaults(func=func)
+
+    p = sub.add_parser("export", help="write a checkpoint as a Hugging Face model directory")
+    p.add_argument("run_dir", help="the run directory")
+    p.add_argument("out", help="output directory")
+    p.add_argument("--to", choices=["hf"], default="hf", help="output format (default: hf)")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest valid one)")
+    p.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("sweep-report", help="tabulate final metrics across a sweep's tasks")
+    p.add_argument("run_dir", help="the sweep's run directory")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--sort-by", default="val_loss", help="column to sort by (default: val_loss)")
+    p.set_defaults(func=cmd_sweep_report)
     return parser
 
 
@@ -128,6 +242,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         return args.func(args)
     except (ConfigError, DataError) as err:
         return _fail(str(err))
+    except Exception as err:  # launcher-side failures (sbatch, scontrol) are one line too
+        from launcher.slurm import SlurmError
+
+        if isinstance(err, SlurmError):
+            print(f"error: {err}", file=sys.stderr)
+            return 1
+        raise
     except KeyboardInterrupt:
         return 130
 
