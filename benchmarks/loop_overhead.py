@@ -12,6 +12,7 @@ Needs the Shakespeare corpus prepared once (``make train`` does it) or ``data.pa
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -44,7 +45,8 @@ def bigtrain_tokens_per_s(cfg, steps: int, workdir: Path) -> float:
     run.checkpoint.save_final = False
     run.checkpoint.resume = "never"
     run.tracking.console = "plain"
-    bt_train.train(run)
+    with contextlib.redirect_stdout(sys.stderr):  # keep stdout for the JSON result
+        bt_train.train(run)
     records = read_jsonl(Path(run.run.dir) / "metrics.jsonl")[1:]  # first interval includes warm-up
     return statistics.mean(r["tokens_per_s"] for r in records)
 
