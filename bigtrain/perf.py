@@ -12,7 +12,7 @@ _GPU_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A1
 
 
 @functools.lru_cache(maxsize=None)
-def measured_matmul_flops(device_type: str, dtype: torch.dtype, n: int = 2048, repeats: int = 3) -> float:
+def measured_matmul_flops(device_type: str, dtype: torch.dtype, n: int = 2048, repeats: int = 10) -> float:
     """Best-of-``repeats`` n x n matmul FLOP/s on this device (what MFU on CPU is relative to)."""
     a = torch.randn(n, n, device=device_type).to(dtype)
     b = torch.randn(n, n, device=device_type).to(dtype)
