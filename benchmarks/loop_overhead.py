@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 from bigtrain import train as bt_train  # noqa: E402
 from bigtrain.config import load_config  # noqa: E402
-from bigtrain.data.loader import PackedBatches  # noqa: E402
+from bigtrain.data.stream import CausalLMStream  # noqa: E402
 from bigtrain.data.prepare import prepare  # noqa: E402
 from bigtrain.models import build_causal_lm  # noqa: E402
 from bigtrain.tracking.jsonl import read_jsonl  # noqa: E402
@@ -55,7 +55,8 @@ def plain_tokens_per_s(cfg, data, steps: int) -> float:
     torch.manual_seed(cfg.seed)
     model = build_causal_lm(cfg.model, data.vocab_size, cfg.train.seq_len)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, fused=True)
-    batches = PackedBatches(data, cfg.train.seq_len, cfg.train.global_batch_size, cfg.train.micro_batch_size)
+    stream = iter(CausalLMStream([data], cfg.train.seq_len, cfg.train.global_batch_size, cfg.train.micro_batch_size,
+                                 seed=cfg.seed))
     dtype = torch.bfloat16 if cfg.precision == "bf16" else None
     accum = cfg.train.global_batch_size // cfg.train.micro_batch_size
     warm = steps // 3
@@ -63,7 +64,8 @@ def plain_tokens_per_s(cfg, data, steps: int) -> float:
         if step == warm:
             t0 = time.perf_counter()
         for micro in range(accum):
-            x, y = batches.batch(step, micro)
+            batch = next(stream)
+            x, y = batch["input_ids"], batch["labels"]
             with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
                 logits = model(input_ids=x).logits
                 loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1)) / accum

@@ -70,14 +70,51 @@ class TokenizerSection(_Section):
     sample_bytes: int = Field(20_000_000, ge=1000)  # corpus bytes the tokenizer trains on
 
 
+class DataSourceSection(_Section):
+    """One source of a mixture: its own inputs and weight; everything else comes from ``data``."""
+
+    path: Union[str, list[str]]
+    weight: float = Field(1.0, gt=0)
+    download: Optional[Literal["shakespeare"]] = None
+    text_field: Optional[str] = None  # default: data.text_field
+
+
 class DataSection(_Section):
-    path: Optional[Union[str, list[str]]] = None  # file, dir or glob of .txt/.jsonl, or a prepared dir
+    path: Optional[Union[str, list[str]]] = None  # inputs (file, dir, glob; see data/sources.py) or a prepared dir
     download: Optional[Literal["shakespeare"]] = None  # fetch this corpus into `path` if missing
-    jsonl_field: str = "text"
+    sources: Optional[list[DataSourceSection]] = None  # several inputs mixed by weight (instead of `path`)
+    text_field: str = "text"  # the text field of .jsonl / column of .parquet, .tsv, HF datasets
+    reader: Literal["native", "hf"] = "native"  # "hf": read files with datasets.load_dataset(streaming=True)
+    on_bad_record: Literal["error", "skip"] = "error"
     val_fraction: float = Field(0.01, gt=0.0, lt=0.5)
     cache_dir: Optional[str] = None  # default: $BIGTRAIN_CACHE or ~/.cache/bigtrain
     shard_tokens: int = Field(50_000_000, ge=1024)
     tokenizer: TokenizerSection = TokenizerSection()
+    shuffle: bool = True
+    shuffle_buffer: int = Field(16384, ge=1)  # samples permuted together (after a shard-level shuffle)
+    num_workers: int = Field(0, ge=0)  # dataloader worker processes per rank
+    prefetch_factor: int = Field(4, ge=1)  # micro-batches each worker keeps ready
+    log_samples: bool = False  # write every micro-batch's sample ids to samples-rank<R>.jsonl
+
+    @model_validator(mode="after")
+    def _path_or_sources(self) -> "DataSection":
+        if self.sources is not None and (self.path is not None or self.download is not None):
+            raise ValueError("data: set either data.path (one source) or data.sources (a mixture), not both")
+        if self.sources is not None and not self.sources:
+            raise ValueError("data.sources: empty list (give at least one {path, weight})")
+        return self
+
+    def source_sections(self) -> list["DataSection"]:
+        """One DataSection per source (a single-source config yields itself)."""
+        if self.sources is None:
+            return [self]
+        return [self.model_copy(update={"path": s.path, "download": s.download, "sources": None,
+                                        "text_field": s.text_field or self.text_field})
+                for s in self.sources]
+
+    @property
+    def weights(self) -> list[float]:
+        return [s.weight for s in self.sources] if self.sources else [1.0]
 
 
 class TrainSection(_Section):

@@ -6,6 +6,7 @@ engine runs.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import random
@@ -22,10 +23,10 @@ import torch.distributed as tdist
 from bigtrain import dist
 from bigtrain.checkpoint import CheckpointError, CheckpointManager, CheckpointSaveError
 from bigtrain.config import ConfigError, RunConfig, load_config
-from bigtrain.data.loader import PackedBatches, eval_batches
-from bigtrain.data.prepare import prepare
+from bigtrain.data.prepare import prepare_sources
 from bigtrain.data.shards import PreparedData, open_prepared
 from bigtrain.data.sources import DataError
+from bigtrain.data.stream import CausalLMStream, StatefulLoader, eval_batches
 from bigtrain.data.tokenizer import Tokenizer
 from bigtrain.models import build_causal_lm, flops_per_token
 from bigtrain.optim import lr_at
@@ -55,6 +56,21 @@ class TrainResult:
     preempted: bool = False
 
 
+class SampleLog:
+    """``data.log_samples``: every micro-batch's (step, source, sample) ids, one JSON line per
+    micro-batch in ``samples-rank<R>.jsonl`` (appended across restarts), to audit the order."""
+
+    def __init__(self, run_dir: Path, rank: int):
+        self.fh = open(run_dir / f"samples-rank{rank}.jsonl", "a")
+
+    def write(self, step: int, batch: dict) -> None:
+        self.fh.write(json.dumps({"step": step, "position": batch["position"].tolist(),
+                                  "source": batch["source"].tolist(), "sample": batch["sample"].tolist()}) + "\n")
+
+    def close(self) -> None:
+        self.fh.close()
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -70,25 +86,40 @@ def mean_over_ranks(value: torch.Tensor) -> float:
     return value.item()
 
 
-def load_data(cfg: RunConfig, info: dist.DistInfo, log) -> PreparedData:
-    """Rank 0 prepares (or finds the cached) data set; the others then open it."""
-    root = None
+def load_data(cfg: RunConfig, info: dist.DistInfo, log) -> list[PreparedData]:
+    """Rank 0 prepares (or finds the cached) data sets; the others then open them."""
+    roots = None
     if info.is_main:
-        root = str(prepare(cfg.data, log=log).root)
-    root = dist.broadcast_object(root)
-    return open_prepared(root, verify="size")
+        roots = [str(d.root) for d in prepare_sources(cfg.data, log=log)]
+    roots = dist.broadcast_object(roots)
+    return [open_prepared(root, verify="size") for root in roots]
 
 
-def evaluate(strategy, cfg: RunConfig, data: PreparedData, info: dist.DistInfo) -> float:
+def build_reader(cfg: RunConfig, sources: list[PreparedData], info: dist.DistInfo) -> StatefulLoader:
+    stream = CausalLMStream(sources, cfg.train.seq_len, cfg.train.global_batch_size, cfg.train.micro_batch_size,
+                            info.rank, info.world_size, cfg.seed, weights=cfg.data.weights,
+                            shuffle=cfg.data.shuffle, shuffle_buffer=cfg.data.shuffle_buffer)
+    return StatefulLoader(stream, cfg.data.num_workers, cfg.data.prefetch_factor,
+                          pin_memory=info.device.type == "cuda")
+
+
+def evaluate(strategy, cfg: RunConfig, sources: list[PreparedData], info: dist.DistInfo) -> dict[str, float]:
+    """Validation loss of every source, and ``val_loss``: their mean weighted like the mixture."""
     strategy.train_mode(False)
-    total = torch.zeros(2)
-    for x, y in eval_batches(data, cfg.train.seq_len, cfg.train.micro_batch_size, cfg.train.eval_batches,
-                             info.rank, info.world_size):
-        total += torch.stack([strategy.eval_loss(x, y).float().cpu(), torch.tensor(1.0)])
+    totals = torch.zeros(len(sources), 2)
+    for k, data in enumerate(sources):
+        for x, y in eval_batches(data, cfg.train.seq_len, cfg.train.micro_batch_size, cfg.train.eval_batches,
+                                 info.rank, info.world_size):
+            totals[k] += torch.stack([strategy.eval_loss(x, y).float().cpu(), torch.tensor(1.0)])
     strategy.train_mode(True)
     if tdist.is_initialized():
-        tdist.all_reduce(total)
-    return (total[0] / total[1]).item()
+        tdist.all_reduce(totals)
+    losses = (totals[:, 0] / totals[:, 1]).tolist()
+    weights = cfg.data.weights
+    result = {"val_loss": sum(w * v for w, v in zip(weights, losses)) / sum(weights)}
+    if len(sources) > 1:
+        result.update({f"val_loss_{k}": v for k, v in enumerate(losses)})
+    return result
 
 
 def train(cfg: RunConfig) -> TrainResult:
@@ -98,7 +129,8 @@ def train(cfg: RunConfig) -> TrainResult:
     run_dir = cfg.run_dir
     tracker_log = print if info.is_main else (lambda _msg: None)
 
-    data = load_data(cfg, info, tracker_log)
+    sources = load_data(cfg, info, tracker_log)
+    data = sources[0]
     tokenizer = Tokenizer.load(data.tokenizer_path)
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -126,8 +158,12 @@ def train(cfg: RunConfig) -> TrainResult:
     if resumed_from:
         tracker.log(f"resumed from {resumed_from} at step {start_step}")
 
-    batches = PackedBatches(data, cfg.train.seq_len, cfg.train.global_batch_size, cfg.train.micro_batch_size,
-                            info.rank, info.world_size, cfg.seed)
+    reader = build_reader(cfg, sources, info)
+    if "data" in resume_state:
+        reader.load_state_dict(resume_state["data"])
+    else:  # a fresh run, or a checkpoint from before the reader state was saved: step s read s*B samples
+        reader.stream.start = start_step * cfg.train.global_batch_size
+    sample_log = SampleLog(run_dir, info.rank) if cfg.data.log_samples else None
     accum = cfg.grad_accum_steps(info.world_size)
     tokens_per_step = cfg.train.global_batch_size * cfg.train.seq_len
     peak = peak_flops(info.device, cfg.precision)
@@ -142,8 +178,11 @@ def train(cfg: RunConfig) -> TrainResult:
     for step in range(start_step, max_steps):
         lr = lr_at(step, max_steps, cfg.optim.lr, cfg.schedule)
         for micro in range(accum):
-            x, y = batches.batch(step, micro)
-            loss_sum += strategy.forward_backward(x, y, scale=1.0 / accum, last_micro=micro == accum - 1)
+            batch = reader.next()
+            if sample_log:
+                sample_log.write(step, batch)
+            loss_sum += strategy.forward_backward(batch["input_ids"], batch["labels"], scale=1.0 / accum,
+                                                  last_micro=micro == accum - 1)
         grad_norm = strategy.step(lr)
         done = step + 1
 
@@ -154,7 +193,7 @@ def train(cfg: RunConfig) -> TrainResult:
             record = {
                 "step": done, "loss": loss, "lr": lr, "grad_norm": float(grad_norm),
                 "tokens_per_s": tps, "elapsed_s": now - t_start, "tokens_seen": done * tokens_per_step,
-                "epoch": batches.epoch_of(done), "mfu": fpt * tps / (peak * info.world_size),
+                "epoch": reader.stream.epoch_of(reader.state_dict()["position"]), "mfu": fpt * tps / (peak * info.world_size),
                 **{f"mem_{k}": v for k, v in strategy.memory_report().items()},
             }
             if not math.isfinite(loss):
@@ -165,8 +204,9 @@ def train(cfg: RunConfig) -> TrainResult:
             t_last, last_logged = time.perf_counter(), done
 
         if (cfg.train.eval_every and done % cfg.train.eval_every == 0) or done == max_steps:
-            val_loss = evaluate(strategy, cfg, data, info)
-            tracker.log_eval({"step": done, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))})
+            evals = evaluate(strategy, cfg, sources, info)
+            val_loss = evals["val_loss"]
+            tracker.log_eval({"step": done, **evals, "val_ppl": math.exp(min(val_loss, 50))})
             t_last = time.perf_counter()  # eval time is not training throughput
 
         if STEP_DELAY_S:
@@ -176,13 +216,17 @@ def train(cfg: RunConfig) -> TrainResult:
         last = done == max_steps
         periodic = (cfg.checkpoint.every_steps and done % cfg.checkpoint.every_steps == 0) or time_due
         if periodic or (last and cfg.checkpoint.save_final) or (stop and cfg.checkpoint.save_on_preempt):
-            state = {"step": done, "tokens_seen": done * tokens_per_step, "val_loss": val_loss}
+            state = {"step": done, "tokens_seen": done * tokens_per_step, "val_loss": val_loss,
+                     "data": reader.state_dict()}
             ckpt.save(done, strategy, state, cfg.to_yaml(), asynchronous=cfg.checkpoint.async_ and not (stop or last))
             preempt.mark_saved()
             t_last = time.perf_counter()
         if stop:
             break
     ckpt.wait()
+    reader.close()
+    if sample_log:
+        sample_log.close()
     preempt.restore()
     last_ckpt = ckpt.last_committed
     if stop:

@@ -72,7 +72,7 @@ def test_jsonl_and_directory_inputs(tmp_path, tiny_text):
     with open(src / "a.jsonl", "w") as fh:
         for para in lines:
             fh.write(json.dumps({"body": para}) + "\n")
-    data = prepare(data_cfg(src, tmp_path / "cache", jsonl_field="body"), log=lambda _m: None)
+    data = prepare(data_cfg(src, tmp_path / "cache", text_field="body"), log=lambda _m: None)
     assert data.manifest["documents"] == len([p for p in lines if p])
 
 

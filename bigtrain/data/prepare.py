@@ -21,7 +21,7 @@ import numpy as np
 from bigtrain.config import DataSection
 from bigtrain.data import corpora
 from bigtrain.data.shards import FORMAT, MANIFEST, PreparedData, is_prepared_dir, open_prepared, sha256_file, token_dtype
-from bigtrain.data.sources import DataError, content_fingerprint, iter_documents, resolve_files
+from bigtrain.data.sources import BadRecords, DataError, content_fingerprint, input_bytes, iter_documents, resolve_files
 from bigtrain.data.tokenizer import Tokenizer, train_tokenizer
 
 VAL_BLOCK_TOKENS = 4096  # the token stream is cut into blocks; every k-th block is held out
@@ -37,7 +37,9 @@ def _settings_key(cfg: DataSection, tokenizer_sha: Optional[str]) -> dict[str, A
         "format": FORMAT,
         "tokenizer": tokenizer_sha or {"type": tok.type, "model_type": tok.model_type,
                                        "vocab_size": tok.vocab_size, "sample_bytes": tok.sample_bytes},
-        "jsonl_field": cfg.jsonl_field,
+        "text_field": cfg.text_field,
+        "reader": cfg.reader,
+        "on_bad_record": cfg.on_bad_record,
         "val_fraction": cfg.val_fraction,
         "shard_tokens": cfg.shard_tokens,
     }
@@ -111,10 +113,13 @@ def prepare(cfg: DataSection, out_dir: Optional[str | Path] = None,
     returned as is.
     """
     if cfg.path is None:
-        raise DataError("data.path: not set (a file, directory or glob of .txt/.jsonl files)")
+        raise DataError("data.path: not set (a file, directory or glob of .txt/.jsonl/.parquet/.tsv files)")
     if isinstance(cfg.path, str):
         if is_prepared_dir(Path(cfg.path)):
-            return open_prepared(cfg.path, verify="checksum")
+            data = open_prepared(cfg.path, verify="checksum")
+            if cfg.tokenizer.path:
+                _check_same_tokenizer(data, Tokenizer.load(cfg.tokenizer.path).fingerprint, cfg.tokenizer.path)
+            return data
         if cfg.download and not os.path.exists(cfg.path):
             log(f"data: downloading corpus '{cfg.download}' into {cfg.path}")
             corpora.download(cfg.download, cfg.path)
@@ -130,8 +135,13 @@ def prepare(cfg: DataSection, out_dir: Optional[str | Path] = None,
         return open_prepared(root, verify="checksum")
 
     t0 = time.time()
-    n_bytes = sum(f.stat().st_size for f in files)
-    if n_bytes == 0 or not any(True for _ in iter_documents(files, cfg.jsonl_field)):
+    n_bytes = input_bytes(files)
+    bad = BadRecords(skip=cfg.on_bad_record == "skip")
+
+    def documents(counter: BadRecords = bad):
+        return iter_documents(files, cfg.text_field, counter, cfg.reader)
+
+    if n_bytes == 0 or not any(True for _ in documents(BadRecords(skip=bad.skip))):
         raise DataError(f"data.path: corpus '{cfg.path}' has no text ({len(files)} files, {n_bytes} bytes)")
     log(f"data: preparing {len(files)} files ({n_bytes / 1e6:.1f} MB) into {root}")
 
@@ -143,7 +153,7 @@ def prepare(cfg: DataSection, out_dir: Optional[str | Path] = None,
     try:
         if tokenizer is None:
             try:
-                tokenizer = train_tokenizer(iter_documents(files, cfg.jsonl_field), cfg.tokenizer.vocab_size,
+                tokenizer = train_tokenizer(documents(BadRecords(skip=bad.skip)), cfg.tokenizer.vocab_size,
                                             cfg.tokenizer.model_type, cfg.tokenizer.sample_bytes,
                                             threads=os.cpu_count() or 1)
             except RuntimeError as err:
@@ -166,7 +176,7 @@ def prepare(cfg: DataSection, out_dir: Optional[str | Path] = None,
                 block += 1
             return tokens
 
-        for batch in _batched(iter_documents(files, cfg.jsonl_field)):
+        for batch in _batched(documents()):
             encoded = tokenizer.encode_batch(batch, threads=os.cpu_count() or 1)
             n_docs += len(encoded)
             eos = np.array([tokenizer.eos_id], dtype=np.int64)
@@ -175,6 +185,8 @@ def prepare(cfg: DataSection, out_dir: Optional[str | Path] = None,
         flush(pending, final=True)
         for w in writers.values():
             w.close()
+        if bad.count:
+            log(f"data: {bad.summary()}")
         if not writers["val"].shards:
             raise DataError(f"data.path: corpus '{cfg.path}' is too small for a validation split "
                             f"(needs > {VAL_BLOCK_TOKENS} / (2 x data.val_fraction) tokens; add text or raise data.val_fraction)")
@@ -193,13 +205,14 @@ def prepare(cfg: DataSection, out_dir: Optional[str | Path] = None,
                           "bytes": (tmp / "tokenizer.model").stat().st_size},
             "dtype": dtype.str,
             "documents": n_docs,
-            "sources": [{"file": str(f), "bytes": f.stat().st_size} for f in files],
+            "sources": [{"file": str(f), "bytes": input_bytes([f])} for f in files],
             "settings": key,
             "shards": shards,
             "stats": {
                 "train_tokens": sum(s["tokens"] for s in writers["train"].shards),
                 "val_tokens": int(len(val_tokens)),
                 "val_unigram_entropy_nats": unigram_entropy(val_tokens),
+                "bad_records_skipped": bad.count,
             },
         }
         manifest_path = tmp / MANIFEST
@@ -217,3 +230,23 @@ def prepare(cfg: DataSection, out_dir: Optional[str | Path] = None,
     st = data.manifest["stats"]
     log(f"data: {st['train_tokens']:,} train / {st['val_tokens']:,} val tokens in {time.time() - t0:.1f}s -> {root}")
     return data
+
+
+def _check_same_tokenizer(data: PreparedData, fingerprint: str, where: str) -> None:
+    if data.manifest["tokenizer"]["sha256"] != fingerprint:
+        raise DataError(f"{data.root / MANIFEST}: prepared with a different tokenizer than {where} "
+                        f"(sha256 {data.manifest['tokenizer']['sha256'][:12]} vs {fingerprint[:12]})")
+
+
+def prepare_sources(cfg: DataSection, log: Callable[[str], None] = print) -> list[PreparedData]:
+    """Prepare every source of ``cfg`` (one, or a mixture). The first source's tokenizer (trained,
+    or ``data.tokenizer.path``) is used for all others, so they share one vocabulary."""
+    sections = cfg.source_sections()
+    first = prepare(sections[0], log=log)
+    prepared = [first]
+    for section in sections[1:]:
+        shared_tok = section.tokenizer.model_copy(update={"path": str(first.tokenizer_path)})
+        data = prepare(section.model_copy(update={"tokenizer": shared_tok}), log=log)
+        _check_same_tokenizer(data, first.manifest["tokenizer"]["sha256"], str(first.tokenizer_path))
+        prepared.append(data)
+    return prepared

@@ -23,7 +23,7 @@ import numpy as np
 
 from bigtrain.data.sources import DataError
 
-FORMAT = "bigtrain-tokens/1"
+FORMAT = "bigtrain-tokens/2"  # 2: tokenizer with <pad> and <mask>/<cls>/<sep> control pieces
 MANIFEST = "manifest.json"
 
 

@@ -1,23 +1,41 @@
-"""Raw text sources: resolve ``data.path`` to files and iterate their documents.
+"""Raw text sources: resolve ``data.path`` to inputs and iterate their documents.
 
-A ``.txt`` file is one document; a ``.jsonl`` file holds one document per line, under a
-configurable field. Torch-free.
+Inputs, by suffix:
+
+- ``.txt``: the whole file is one document;
+- ``.jsonl``: one JSON object per line, the document under ``data.text_field``;
+- ``.parquet``: one document per row, column ``data.text_field`` (read in record batches);
+- ``.tsv``: a header row, then one document per row, column ``data.text_field``;
+- a directory written by ``datasets.Dataset.save_to_disk``: one document per row.
+
+With ``data.reader: hf`` the files are read through ``datasets.load_dataset(<json|text|parquet|csv>,
+data_files=..., streaming=True)`` instead (note: its ``text`` builder yields one document per
+line). A record that cannot be read raises :class:`DataError` naming the file and line, unless
+``data.on_bad_record: skip``, which counts and reports it instead. Torch-free.
 """
 
 from __future__ import annotations
 
+import csv
 import glob
 import hashlib
 import json
 import os
+import sys
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence, Union
+from typing import Any, Iterator, Sequence, Union
 
-TEXT_SUFFIXES = (".txt", ".jsonl")
+FILE_SUFFIXES = (".txt", ".jsonl", ".parquet", ".tsv")
+HF_BUILDERS = {".jsonl": "json", ".txt": "text", ".parquet": "parquet", ".tsv": "csv"}
 
 
 class DataError(ValueError):
     """Bad input data; ``str(err)`` is one line naming the file (and line) at fault."""
+
+
+def is_hf_saved_dir(path: Path) -> bool:
+    return path.is_dir() and (path / "state.json").is_file() and (path / "dataset_info.json").is_file()
 
 
 def _as_list(path: Union[str, Sequence[str]]) -> list[str]:
@@ -25,7 +43,8 @@ def _as_list(path: Union[str, Sequence[str]]) -> list[str]:
 
 
 def resolve_files(path: Union[str, Sequence[str]]) -> list[Path]:
-    """Expand files, directories (recursively, .txt/.jsonl) and globs into a sorted file list."""
+    """Expand files, directories (recursively) and globs into a sorted list of inputs.
+    A ``save_to_disk`` directory is one input."""
     files: list[Path] = []
     for entry in _as_list(path):
         entry = os.path.expanduser(entry)
@@ -33,54 +52,187 @@ def resolve_files(path: Union[str, Sequence[str]]) -> list[Path]:
             matches = sorted(glob.glob(entry, recursive=True))
             if not matches:
                 raise DataError(f"data.path: glob '{entry}' matches no files")
-            files.extend(Path(m) for m in matches if Path(m).is_file())
+            files.extend(Path(m) for m in matches if Path(m).is_file() or is_hf_saved_dir(Path(m)))
+        elif is_hf_saved_dir(Path(entry)):
+            files.append(Path(entry))
         elif os.path.isdir(entry):
-            found = sorted(p for p in Path(entry).rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
+            found = sorted(p for p in Path(entry).rglob("*") if p.is_file() and p.suffix in FILE_SUFFIXES)
             if not found:
-                raise DataError(f"data.path: directory '{entry}' holds no .txt or .jsonl files")
+                raise DataError(f"data.path: directory '{entry}' holds no {'/'.join(FILE_SUFFIXES)} files")
             files.extend(found)
         elif os.path.isfile(entry):
             files.append(Path(entry))
         else:
             raise DataError(f"data.path: no such file or directory: '{entry}'")
     for f in files:
-        if f.suffix not in TEXT_SUFFIXES:
-            raise DataError(f"data.path: '{f}' is not a .txt or .jsonl file")
+        if f.suffix not in FILE_SUFFIXES and not is_hf_saved_dir(f):
+            raise DataError(f"data.path: '{f}' is not a {', '.join(FILE_SUFFIXES)} file or a save_to_disk directory")
     return files
 
 
-def iter_documents(files: Sequence[Path], jsonl_field: str = "text") -> Iterator[str]:
-    """Yield documents in file order. Empty documents are skipped."""
-    for f in files:
-        if f.suffix == ".jsonl":
-            with open(f, encoding="utf-8", errors="strict") as fh:
-                for lineno, line in enumerate(fh, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError as err:
-                        raise DataError(f"{f}:{lineno}: not valid JSON ({err.msg})") from None
-                    if not isinstance(record, dict) or not isinstance(record.get(jsonl_field), str):
-                        raise DataError(f"{f}:{lineno}: expected an object with a string field '{jsonl_field}'")
-                    if record[jsonl_field]:
-                        yield record[jsonl_field]
-        else:
+@dataclass
+class BadRecords:
+    """The ``data.on_bad_record`` policy: raise on the first bad record, or count and go on."""
+
+    skip: bool = False
+    count: int = 0
+    examples: list[str] = field(default_factory=list)
+
+    def __call__(self, where: str, reason: str) -> None:
+        if not self.skip:
+            raise DataError(f"{where}: {reason}")
+        self.count += 1
+        if len(self.examples) < 5:
+            self.examples.append(f"{where}: {reason}")
+
+    def summary(self) -> str:
+        return f"skipped {self.count} bad records (data.on_bad_record: skip); first: {self.examples[0]}"
+
+
+def _text_of(record: Any, text_field: str, where: str, bad: BadRecords) -> str | None:
+    if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
+        bad(where, f"expected a record with a string field '{text_field}'")
+        return None
+    return record[text_field]
+
+
+def _jsonl(f: Path, text_field: str, bad: BadRecords) -> Iterator[str | None]:
+    with open(f, "rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
             try:
-                text = f.read_text(encoding="utf-8")
+                line = raw.decode("utf-8")
             except UnicodeDecodeError as err:
-                raise DataError(f"{f}: not UTF-8 text (byte {err.start})") from None
-            if text:
-                yield text
+                bad(f"{f}:{lineno}", f"not UTF-8 (byte {err.start})")
+                continue
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                bad(f"{f}:{lineno}", f"not valid JSON ({err.msg})")
+                continue
+            yield _text_of(record, text_field, f"{f}:{lineno}", bad)
+
+
+def _tsv(f: Path, text_field: str, bad: BadRecords) -> Iterator[str | None]:
+    csv.field_size_limit(sys.maxsize)
+    with open(f, encoding="utf-8", newline="") as fh:
+        reader = csv.reader(fh, delimiter="\t")
+        header = next(reader, None)
+        if header is None:
+            return
+        if text_field not in header:
+            raise DataError(f"{f}:1: header has no column '{text_field}' (columns: {', '.join(header)})")
+        col = header.index(text_field)
+        for row in reader:
+            if len(row) != len(header):
+                bad(f"{f}:{reader.line_num}", f"{len(row)} columns, the header has {len(header)}")
+                continue
+            yield row[col]
+
+
+def _parquet(f: Path, text_field: str, bad: BadRecords) -> Iterator[str | None]:
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(f)
+    except Exception as err:  # pyarrow raises several types for a broken file
+        raise DataError(f"{f}: not a readable parquet file ({err})") from None
+    if text_field not in pf.schema_arrow.names:
+        raise DataError(f"{f}: no column '{text_field}' (columns: {', '.join(pf.schema_arrow.names)})")
+    row = 0
+    for batch in pf.iter_batches(columns=[text_field], batch_size=4096):
+        for value in batch.column(0).to_pylist():
+            row += 1
+            if not isinstance(value, str):
+                bad(f"{f}:row {row}", f"column '{text_field}' is {type(value).__name__}, not a string")
+                continue
+            yield value
+
+
+def _hf_saved(d: Path, text_field: str, bad: BadRecords) -> Iterator[str | None]:
+    import datasets
+
+    ds = datasets.load_from_disk(str(d))
+    if isinstance(ds, datasets.DatasetDict):
+        raise DataError(f"{d}: a DatasetDict ({', '.join(ds)}); point data.path at one split's directory")
+    if text_field not in ds.column_names:
+        raise DataError(f"{d}: no column '{text_field}' (columns: {', '.join(ds.column_names)})")
+    for row, value in enumerate(ds.select_columns([text_field]).iter(batch_size=4096)):
+        for i, text in enumerate(value[text_field]):
+            if not isinstance(text, str):
+                bad(f"{d}:row {row * 4096 + i + 1}", f"column '{text_field}' is not a string")
+                continue
+            yield text
+
+
+def _hf_stream(files: Sequence[Path], text_field: str, bad: BadRecords) -> Iterator[str | None]:
+    import datasets
+
+    for f in files:  # one file at a time, so errors can name the file
+        builder = HF_BUILDERS[f.suffix]
+        kwargs = {"delimiter": "\t"} if f.suffix == ".tsv" else {}
+        stream = datasets.load_dataset(builder, data_files=[str(f)], split="train", streaming=True, **kwargs)
+        field_name = "text" if builder == "text" else text_field
+        try:
+            for row, record in enumerate(stream, 1):
+                yield _text_of(record, field_name, f"{f}:{row}", bad)
+        except DataError:
+            raise
+        except Exception as err:  # the builders raise their own types (ArrowInvalid, ...)
+            raise DataError(f"{f}: datasets could not read it ({type(err).__name__}: {str(err).splitlines()[0]})") from None
+
+
+def iter_documents(files: Sequence[Path], text_field: str = "text", bad: BadRecords | None = None,
+                   reader: str = "native") -> Iterator[str]:
+    """Yield non-empty documents in input order."""
+    bad = bad if bad is not None else BadRecords()
+    if reader == "hf":
+        plain = [f for f in files if not is_hf_saved_dir(f)]
+        streams = [_hf_stream(plain, text_field, bad)] + [_hf_saved(f, text_field, bad) for f in files if f not in plain]
+    else:
+        streams = (_open(f, text_field, bad) for f in files)
+    for stream in streams:
+        for doc in stream:
+            if doc:
+                yield doc
+
+
+def _open(f: Path, text_field: str, bad: BadRecords) -> Iterator[str | None]:
+    if is_hf_saved_dir(f):
+        return _hf_saved(f, text_field, bad)
+    if f.suffix == ".jsonl":
+        return _jsonl(f, text_field, bad)
+    if f.suffix == ".tsv":
+        return _tsv(f, text_field, bad)
+    if f.suffix == ".parquet":
+        return _parquet(f, text_field, bad)
+    return _txt(f, bad)
+
+
+def _txt(f: Path, bad: BadRecords) -> Iterator[str | None]:
+    try:
+        yield f.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        bad(str(f), f"not UTF-8 text (byte {err.start})")
+
+
+def _input_files(f: Path) -> list[Path]:
+    return sorted(p for p in f.rglob("*") if p.is_file()) if f.is_dir() else [f]
+
+
+def input_bytes(files: Sequence[Path]) -> int:
+    return sum(p.stat().st_size for f in files for p in _input_files(f))
 
 
 def content_fingerprint(files: Sequence[Path]) -> str:
-    """sha256 over every file's name and bytes: the cache key of a prepared data set."""
+    """sha256 over every input's name and bytes: the cache key of a prepared data set."""
     h = hashlib.sha256()
     for f in files:
-        h.update(f.name.encode() + b"\0")
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-        h.update(b"\0")
+        for p in _input_files(f):
+            h.update(str(p.relative_to(f.parent)).encode() + b"\0")
+            with open(p, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(block)
+            h.update(b"\0")
     return h.hexdigest()

@@ -13,7 +13,9 @@ from typing import Iterable, Iterator
 
 import sentencepiece as spm
 
-UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
+UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
+# Control pieces (never produced by encoding text) for BERT-style tasks: ids 4, 5, 6.
+SPECIAL_PIECES = ("<mask>", "<cls>", "<sep>")
 
 
 class Tokenizer:
@@ -32,6 +34,17 @@ class Tokenizer:
     @property
     def eos_id(self) -> int:
         return self.sp.eos_id()
+
+    @property
+    def pad_id(self) -> int:
+        return self.sp.pad_id()
+
+    def piece_id(self, piece: str) -> int:
+        """Id of a special piece such as ``<mask>``; KeyError if the model lacks it."""
+        idx = self.sp.piece_to_id(piece)
+        if idx == self.sp.unk_id() and piece != self.sp.id_to_piece(idx):
+            raise KeyError(f"tokenizer has no piece {piece!r}")
+        return idx
 
     @property
     def fingerprint(self) -> str:
@@ -82,7 +95,8 @@ def train_tokenizer(documents: Iterable[str], vocab_size: int, model_type: str =
         unk_id=UNK_ID,
         bos_id=BOS_ID,
         eos_id=EOS_ID,
-        pad_id=-1,
+        pad_id=PAD_ID,
+        control_symbols=list(SPECIAL_PIECES),
         max_sentence_length=1 << 16,
         num_threads=threads,
         minloglevel=2,
