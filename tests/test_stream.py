@@ -258,3 +258,49 @@ def test_trainer_resumes_2_ranks_on_1_with_the_same_samples(tmp_path, cache_dir,
     got, want = sample_order(run), sample_order(ref)
     assert sorted(got) == list(range(8))
     assert got == want
+
+
+# -- HF streaming datasets, used directly -------------------------------------------------------------
+
+def hf_json_stream(path):
+    import datasets
+
+    return datasets.load_dataset("json", data_files=[str(path)], split="train", streaming=True)
+
+
+def test_hf_iterable_dataset_resumes_exactly_and_splits_by_rank(prepared, tiny_text, tmp_path):
+    import json as _json
+
+    from bigtrain.data.hf_stream import HFTokenStream
+    from bigtrain.data.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(prepared.tokenizer_path)
+    paras = [p for p in tiny_text.read_text()[:150_000].split("\n\n") if p]
+    src = tmp_path / "docs.jsonl"
+    src.write_text("".join(_json.dumps({"text": p, "id": i}) + "\n" for i, p in enumerate(paras)))
+
+    def stream(rank=0, world=1):
+        return HFTokenStream(hf_json_stream(src), tok, seq_len=SEQ, micro_batch=4, accum=2, rank=rank, world_size=world)
+
+    ref = stream()
+    want = [ref.next()["input_ids"] for _ in range(10)]
+    first = stream()
+    got = [first.next()["input_ids"] for _ in range(4)]
+    state = _json.loads(_json.dumps(first.state_dict()))
+    again = stream()
+    again.load_state_dict(state)
+    got += [again.next()["input_ids"] for _ in range(6)]
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    # two ranks read disjoint halves of the documents: together, every token once
+    total = sum(len(tok.encode(p)) + 1 for p in paras)
+    seen = 0
+    for rank in (0, 1):
+        s = stream(rank, 2)
+        with pytest.raises(StopIteration, match="ran out of documents"):
+            while True:
+                seen += s.next()["input_ids"].numel() + 4
+    assert total - 2 * 4 * (SEQ + 1) < seen <= total
+    s = stream(0, 2)
+    s.next(), s.next()
+    with pytest.raises(DataError, match="saved by 2 ranks, this run has 1"):
+        stream().load_state_dict(s.state_dict())
