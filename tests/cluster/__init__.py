@@ -1,0 +1,1 @@
+"""Test infrastructure: a real SLURM cluster (slurm.py)."""
