@@ -1,0 +1,112 @@
+"""Image sets for the CNN baselines: digits and synthetic sets, normalization, augmentation,
+rank x worker partitioning and exact resume, bad input."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from bigtrain.data.images import ImageStream, open_images, write_digits, write_synthetic
+from bigtrain.data.sources import DataError
+from bigtrain.data.stream import StatefulLoader
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    return write_digits(tmp_path_factory.mktemp("img") / "digits")
+
+
+def read(loader, steps):
+    out = []
+    for _ in range(steps * loader.stream.accum):
+        b = loader.next()
+        out += list(zip(b["position"].tolist(), b["sample"].tolist(), b["labels"].tolist()))
+    return out
+
+
+def test_digits_round_trip_and_normalization(digits):
+    from sklearn.datasets import load_digits
+
+    ref = load_digits()
+    m = open_images(digits, verify="checksum")
+    assert m["shape"][1:] == [1, 8, 8] and m["num_classes"] == 10
+    labels = np.load(digits / "labels.npy")
+    assert labels.tolist() == [t for i, t in enumerate(ref.target.tolist()) if i % 10]
+    s = ImageStream(digits, global_batch=len(labels), micro_batch=len(labels), augment=False)
+    x = s.micro_batch_at(0)["images"]
+    assert abs(x.mean().item()) < 1e-4 and x.std().item() == pytest.approx(1.0, abs=1e-3)
+
+
+def test_synthetic_sets_have_the_shape_and_are_learnable(tmp_path):
+    for res in (32, 64):
+        root = write_synthetic(tmp_path / f"s{res}", n=600, resolution=res, num_classes=5, chunk=128)
+        m = open_images(root, verify="checksum")
+        assert m["shape"] == [600, 3, res, res] and m["num_classes"] == 5
+    images = np.load(root / "images.npy").reshape(600, -1).astype(np.float32)
+    labels = np.load(root / "labels.npy")
+    train, test = slice(0, 400), slice(400, 600)
+    means = np.stack([images[train][labels[train] == k].mean(0) for k in range(5)])
+    pred = ((images[test][:, None] - means[None]) ** 2).sum(-1).argmin(1)
+    assert (pred == labels[test]).mean() > 0.6  # chance is 0.2
+
+
+def test_two_ranks_by_two_workers_cover_an_epoch_once(digits):
+    n = open_images(digits)["shape"][0]
+    steps = -(-n // 32)
+    seen = []
+    for rank in (0, 1):
+        s = ImageStream(digits, global_batch=32, micro_batch=8, rank=rank, world_size=2)
+        seen += read(StatefulLoader(s, num_workers=2, prefetch_factor=2), steps)
+    positions = sorted(p for p, _, _ in seen)
+    assert positions == list(range(steps * 32))
+    assert sorted(s for p, s, _ in seen if p < n) == list(range(n))
+
+
+def test_resume_on_another_world_size_gives_the_same_images(digits):
+    ref = StatefulLoader(ImageStream(digits, global_batch=16, micro_batch=8, seed=3))
+    want = [ref.next() for _ in range(10)]
+    lo = StatefulLoader(ImageStream(digits, global_batch=16, micro_batch=4, rank=0, world_size=2, seed=3))
+    for _ in range(6):
+        lo.next()
+    state = json.loads(json.dumps(lo.state_dict()))
+    assert state["position"] == 3 * 16
+    again = StatefulLoader(ImageStream(digits, global_batch=16, micro_batch=8, seed=3), num_workers=2)
+    again.load_state_dict(state)
+    for w in want[6:]:
+        g = again.next()
+        assert torch.equal(g["images"], w["images"]) and torch.equal(g["labels"], w["labels"])
+    other = ImageStream(digits, global_batch=16, micro_batch=8, seed=4)
+    assert not torch.equal(other.micro_batch_at(0)["sample"], want[0]["sample"])
+    with pytest.raises(DataError, match="seed: 3 -> 4"):
+        other.load_state_dict(state)
+
+
+def test_augmentation_crops_and_flips_only_when_asked(digits):
+    plain = ImageStream(digits, global_batch=64, micro_batch=64, augment=False).micro_batch_at(0)
+    aug = ImageStream(digits, global_batch=64, micro_batch=64, augment=True).micro_batch_at(0)
+    assert torch.equal(plain["sample"], aug["sample"])
+    changed = [(not torch.equal(a, p)) for a, p in zip(aug["images"], plain["images"])]
+    assert sum(changed) > 40
+    flipped = sum(torch.equal(a, p.flip(-1)) for a, p in zip(aug["images"], plain["images"]))
+    assert flipped > 0
+    again = ImageStream(digits, global_batch=64, micro_batch=64, augment=True).micro_batch_at(0)
+    assert torch.equal(again["images"], aug["images"])  # drawn from (seed, position)
+
+
+def test_bad_image_sets_name_the_file(digits, tmp_path):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(digits, bad)
+    labels = np.load(bad / "labels.npy")
+    labels[5] = 12
+    np.save(bad / "labels.npy", labels)
+    with pytest.raises(DataError, match=r"labels.npy: label 12 at index 5 is outside \[0, 10\)"):
+        open_images(bad)
+    with pytest.raises(DataError, match=r"labels.npy: checksum mismatch"):
+        open_images(bad, verify="checksum")
+    raw = (bad / "images.npy").read_bytes()
+    (bad / "images.npy").write_bytes(raw[:-100])
+    with pytest.raises(DataError, match=r"images.npy: size .* \(truncated"):
+        open_images(bad)
