@@ -1,0 +1,201 @@
+"""Sequence classification: (text, label) records -> a prepared record set -> padded batches.
+
+Records come from ``.tsv`` (a header row; columns ``text_field`` and ``label_field``) or ``.jsonl``
+(fields of the same names). The label set is given, or inferred as the sorted distinct labels of
+the inputs; a label outside a given set, a line that is not JSON or a row with missing columns
+raises :class:`DataError` naming the file and line (``on_bad_record="skip"`` counts and skips it).
+
+A prepared record set is a directory: ``tokens.bin`` (all records' token ids back to back),
+``offsets.npy`` (int64, N + 1), ``labels.npy`` (int64), ``tokenizer.model`` and ``manifest.json``
+(written last, then the directory is renamed into place). :class:`ClassificationStream` pads each
+micro-batch to its longest record; with ``bucket=True`` each rank sorts its share of a step by
+length before cutting it into micro-batches, so micro-batches hold similar lengths while every
+step still reads exactly the same records.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any, Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+
+from bigtrain.data.order import SampleOrder
+from bigtrain.data.shards import sha256_file, token_dtype
+from bigtrain.data.sources import BadRecords, DataError
+from bigtrain.data.stream import PositionalStream
+from bigtrain.data.tokenizer import Tokenizer
+
+FORMAT = "bigtrain-records/1"
+MANIFEST = "manifest.json"
+
+
+def read_records(files: Sequence[Path], text_field: str = "text", label_field: str = "label",
+                 bad: Optional[BadRecords] = None) -> Iterator[tuple[str, str, str]]:
+    """Yield (text, label as a string, "file:line")."""
+    bad = bad if bad is not None else BadRecords()
+    for f in map(Path, files):
+        if f.suffix == ".jsonl":
+            with open(f, encoding="utf-8") as fh:
+                for lineno, line in enumerate(fh, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        rec = json.loads(line)
+                    except json.JSONDecodeError as err:
+                        bad(f"{f}:{lineno}", f"not valid JSON ({err.msg})")
+                        continue
+                    if not isinstance(rec, dict) or not isinstance(rec.get(text_field), str) or label_field not in rec:
+                        bad(f"{f}:{lineno}", f"expected an object with a string '{text_field}' and a '{label_field}'")
+                        continue
+                    yield rec[text_field], str(rec[label_field]), f"{f}:{lineno}"
+        elif f.suffix == ".tsv":
+            csv.field_size_limit(sys.maxsize)
+            with open(f, encoding="utf-8", newline="") as fh:
+                reader = csv.reader(fh, delimiter="\t")
+                header = next(reader, [])
+                missing = [c for c in (text_field, label_field) if c not in header]
+                if missing:
+                    raise DataError(f"{f}:1: header has no column '{missing[0]}' (columns: {', '.join(header)})")
+                ti, li = header.index(text_field), header.index(label_field)
+                for row in reader:
+                    if len(row) != len(header):
+                        bad(f"{f}:{reader.line_num}", f"{len(row)} columns, the header has {len(header)}")
+                        continue
+                    yield row[ti], row[li], f"{f}:{reader.line_num}"
+        else:
+            raise DataError(f"{f}: classification records must be .tsv or .jsonl")
+
+
+def prepare_classification(files: Sequence[str | Path], tokenizer: Tokenizer, out_dir: str | Path,
+                           labels: Optional[Sequence[str]] = None, text_field: str = "text",
+                           label_field: str = "label", on_bad_record: str = "error",
+                           log=print) -> dict[str, Any]:
+    """Tokenize the records of ``files`` into a record set at ``out_dir``; return its manifest."""
+    bad = BadRecords(skip=on_bad_record == "skip")
+    records = list(read_records([Path(f) for f in files], text_field, label_field, bad))
+    names = list(labels) if labels is not None else sorted({label for _, label, _ in records})
+    index = {name: i for i, name in enumerate(names)}
+    kept = []
+    for text, label, where in records:
+        if label not in index:
+            bad(where, f"label {label!r} is not in the label set {names}")
+            continue
+        kept.append((text, index[label]))
+    if not kept:
+        raise DataError(f"{files[0]}: no usable records")
+    if bad.count:
+        log(f"data: {bad.summary()}")
+    ids = tokenizer.encode_batch([t for t, _ in kept], threads=os.cpu_count() or 1)
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        dtype = token_dtype(tokenizer.vocab_size)
+        np.concatenate([np.asarray(x, dtype=dtype) for x in ids]).tofile(tmp / "tokens.bin")
+        np.save(tmp / "offsets.npy", np.concatenate([[0], np.cumsum([len(x) for x in ids])]).astype(np.int64))
+        label_ids = np.array([lab for _, lab in kept], dtype=np.int64)
+        np.save(tmp / "labels.npy", label_ids)
+        tokenizer.save(tmp / "tokenizer.model")
+        files_meta = {n: {"bytes": (tmp / n).stat().st_size, "sha256": sha256_file(tmp / n)}
+                      for n in ("tokens.bin", "offsets.npy", "labels.npy", "tokenizer.model")}
+        manifest = {"format": FORMAT, "records": len(kept), "labels": names, "dtype": dtype.str,
+                    "label_counts": np.bincount(label_ids, minlength=len(names)).tolist(),
+                    "tokenizer_sha256": tokenizer.fingerprint, "bad_records_skipped": bad.count,
+                    "sources": [str(f) for f in files], "files": files_meta}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def open_records(root: str | Path) -> dict[str, Any]:
+    root = Path(root)
+    path = root / MANIFEST
+    if not path.is_file():
+        raise DataError(f"{root}: not a prepared record set (no {MANIFEST})")
+    manifest = json.loads(path.read_text())
+    if manifest.get("format") != FORMAT:
+        raise DataError(f"{path}: unsupported format {manifest.get('format')!r} (expected {FORMAT!r})")
+    for name, entry in manifest["files"].items():
+        f = root / name
+        if not f.is_file() or f.stat().st_size != entry["bytes"]:
+            raise DataError(f"{f}: missing or truncated (manifest says {entry['bytes']} bytes)")
+    return manifest
+
+
+class ClassificationStream(PositionalStream):
+    """``{"input_ids", "attention_mask", "labels", "sample", "position"}``, padded per micro-batch."""
+
+    def __init__(self, root: str | Path, global_batch: int, micro_batch: int, rank: int = 0, world_size: int = 1,
+                 seed: int = 0, max_len: int = 512, bucket: bool = False, add_cls: bool = True,
+                 shuffle: bool = True, shuffle_buffer: int = 16384):
+        super().__init__(global_batch, micro_batch, rank, world_size)
+        self.root = Path(root)
+        self.manifest = open_records(self.root)
+        tok = Tokenizer.load(self.root / "tokenizer.model")
+        self.pad_id, self.cls_id = tok.pad_id, tok.piece_id("<cls>") if add_cls else None
+        self.seed, self.max_len, self.bucket = seed, max_len, bucket
+        self.order = SampleOrder(self.manifest["records"], seed, shuffle_buffer=shuffle_buffer, shuffle=shuffle)
+        self._arrays: Optional[tuple[np.ndarray, np.ndarray, np.ndarray]] = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_arrays": None}
+
+    def _open(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if self._arrays is None:
+            self._arrays = (np.memmap(self.root / "tokens.bin", dtype=np.dtype(self.manifest["dtype"]), mode="r"),
+                            np.load(self.root / "offsets.npy"), np.load(self.root / "labels.npy"))
+        return self._arrays
+
+    @property
+    def num_samples(self) -> int:
+        return self.order.num_samples
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {"records": self.manifest["files"]["tokens.bin"]["sha256"], "seed": self.seed,
+                "shuffle": self.order.shuffle, "shuffle_buffer": self.order.shuffle_buffer, "bucket": self.bucket}
+
+    def length(self, sample: int) -> int:
+        _, offsets, _ = self._open()
+        return min(int(offsets[sample + 1] - offsets[sample]) + (self.cls_id is not None), self.max_len)
+
+    def positions(self, index: int) -> np.ndarray:
+        if not self.bucket:
+            return super().positions(index)
+        step, micro = divmod(index, self.accum)
+        first = self.start + step * self.global_batch + self.rank * self.per_rank
+        share = np.arange(first, first + self.per_rank, dtype=np.int64)
+        lengths = [self.length(self.order.sample_at(int(p))) for p in share]
+        ordered = share[np.argsort(lengths, kind="stable")]
+        return ordered[micro * self.micro_batch:(micro + 1) * self.micro_batch]
+
+    def build(self, positions: np.ndarray) -> dict[str, torch.Tensor]:
+        tokens, offsets, labels = self._open()
+        ids = [self.order.sample_at(int(p)) for p in positions]
+        rows = []
+        for i in ids:
+            row = np.asarray(tokens[offsets[i]:offsets[i + 1]], dtype=np.int64)
+            if self.cls_id is not None:
+                row = np.concatenate([[self.cls_id], row])
+            rows.append(row[: self.max_len])
+        width = max(len(r) for r in rows)
+        x = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for k, r in enumerate(rows):
+            x[k, : len(r)] = torch.from_numpy(r)
+            mask[k, : len(r)] = 1
+        return {"input_ids": x, "attention_mask": mask, "labels": torch.from_numpy(labels[ids]),
+                "sample": torch.tensor(ids), "position": torch.from_numpy(np.asarray(positions))}
