@@ -15,11 +15,9 @@ step still reads exactly the same records.
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
@@ -27,13 +25,12 @@ import numpy as np
 import torch
 
 from bigtrain.data.order import SampleOrder
-from bigtrain.data.shards import sha256_file, token_dtype
-from bigtrain.data.sources import BadRecords, DataError
+from bigtrain.data.shards import MANIFEST, check_files, load_manifest, sha256_file, token_dtype
+from bigtrain.data.sources import BadRecords, DataError, jsonl_records, tsv_rows
 from bigtrain.data.stream import PositionalStream
 from bigtrain.data.tokenizer import Tokenizer
 
 FORMAT = "bigtrain-records/1"
-MANIFEST = "manifest.json"
 
 
 def read_records(files: Sequence[Path], text_field: str = "text", label_field: str = "label",
@@ -42,33 +39,14 @@ def read_records(files: Sequence[Path], text_field: str = "text", label_field: s
     bad = bad if bad is not None else BadRecords()
     for f in map(Path, files):
         if f.suffix == ".jsonl":
-            with open(f, encoding="utf-8") as fh:
-                for lineno, line in enumerate(fh, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        rec = json.loads(line)
-                    except json.JSONDecodeError as err:
-                        bad(f"{f}:{lineno}", f"not valid JSON ({err.msg})")
-                        continue
-                    if not isinstance(rec, dict) or not isinstance(rec.get(text_field), str) or label_field not in rec:
-                        bad(f"{f}:{lineno}", f"expected an object with a string '{text_field}' and a '{label_field}'")
-                        continue
-                    yield rec[text_field], str(rec[label_field]), f"{f}:{lineno}"
+            for where, rec in jsonl_records(f, bad):
+                if not isinstance(rec, dict) or not isinstance(rec.get(text_field), str) or label_field not in rec:
+                    bad(where, f"expected an object with a string '{text_field}' and a '{label_field}'")
+                    continue
+                yield rec[text_field], str(rec[label_field]), where
         elif f.suffix == ".tsv":
-            csv.field_size_limit(sys.maxsize)
-            with open(f, encoding="utf-8", newline="") as fh:
-                reader = csv.reader(fh, delimiter="\t")
-                header = next(reader, [])
-                missing = [c for c in (text_field, label_field) if c not in header]
-                if missing:
-                    raise DataError(f"{f}:1: header has no column '{missing[0]}' (columns: {', '.join(header)})")
-                ti, li = header.index(text_field), header.index(label_field)
-                for row in reader:
-                    if len(row) != len(header):
-                        bad(f"{f}:{reader.line_num}", f"{len(row)} columns, the header has {len(header)}")
-                        continue
-                    yield row[ti], row[li], f"{f}:{reader.line_num}"
+            for where, row in tsv_rows(f, (text_field, label_field), bad):
+                yield row[0], row[1], where
         else:
             raise DataError(f"{f}: classification records must be .tsv or .jsonl")
 
@@ -121,18 +99,10 @@ def prepare_classification(files: Sequence[str | Path], tokenizer: Tokenizer, ou
     return manifest
 
 
-def open_records(root: str | Path) -> dict[str, Any]:
+def open_records(root: str | Path, verify: str = "size") -> dict[str, Any]:
     root = Path(root)
-    path = root / MANIFEST
-    if not path.is_file():
-        raise DataError(f"{root}: not a prepared record set (no {MANIFEST})")
-    manifest = json.loads(path.read_text())
-    if manifest.get("format") != FORMAT:
-        raise DataError(f"{path}: unsupported format {manifest.get('format')!r} (expected {FORMAT!r})")
-    for name, entry in manifest["files"].items():
-        f = root / name
-        if not f.is_file() or f.stat().st_size != entry["bytes"]:
-            raise DataError(f"{f}: missing or truncated (manifest says {entry['bytes']} bytes)")
+    manifest = load_manifest(root, FORMAT, "a prepared record set")
+    check_files(root, [{"file": name, **entry} for name, entry in manifest["files"].items()], verify)
     return manifest
 
 

@@ -26,12 +26,11 @@ import numpy as np
 import torch
 
 from bigtrain.data.order import SampleOrder
-from bigtrain.data.shards import sha256_file
+from bigtrain.data.shards import MANIFEST, check_files, load_manifest, sha256_file
 from bigtrain.data.sources import DataError
 from bigtrain.data.stream import PositionalStream
 
 FORMAT = "bigtrain-images/1"
-MANIFEST = "manifest.json"
 
 
 def _finish(tmp: Path, out: Path, num_classes: int, source: str) -> Path:
@@ -112,20 +111,8 @@ def write_synthetic(out_dir: str | Path, n: int, resolution: int, channels: int 
 def open_images(root: str | Path, verify: str = "size") -> dict[str, Any]:
     """Check an image set (``verify``: ``size`` or ``checksum``); return its manifest."""
     root = Path(root)
-    path = root / MANIFEST
-    if not path.is_file():
-        raise DataError(f"{root}: not an image set (no {MANIFEST})")
-    manifest = json.loads(path.read_text())
-    if manifest.get("format") != FORMAT:
-        raise DataError(f"{path}: unsupported format {manifest.get('format')!r} (expected {FORMAT!r})")
-    for name, entry in manifest["files"].items():
-        f = root / name
-        if not f.is_file():
-            raise DataError(f"{f}: listed in {MANIFEST} but missing")
-        if f.stat().st_size != entry["bytes"]:
-            raise DataError(f"{f}: size {f.stat().st_size} bytes, manifest says {entry['bytes']} (truncated or replaced)")
-        if verify == "checksum" and sha256_file(f) != entry["sha256"]:
-            raise DataError(f"{f}: checksum mismatch (sha256 differs from {MANIFEST})")
+    manifest = load_manifest(root, FORMAT, "an image set")
+    check_files(root, [{"file": name, **entry} for name, entry in manifest["files"].items()], verify)
     labels = np.load(root / "labels.npy", mmap_mode="r")
     bad = np.flatnonzero((labels < 0) | (labels >= manifest["num_classes"]))
     if len(bad):

@@ -72,29 +72,41 @@ def is_prepared_dir(path: Path) -> bool:
     return path.is_dir() and (path / MANIFEST).is_file()
 
 
-def open_prepared(root: str | Path, verify: str = "size") -> PreparedData:
-    """Open a prepared directory and check it. ``verify``: "size" (fast) or "checksum" (reads all)."""
-    root = Path(root)
+def load_manifest(root: Path, fmt: str, what: str) -> dict[str, Any]:
+    """``root/manifest.json`` of format ``fmt``, or a one-line DataError naming the file."""
     mpath = root / MANIFEST
     if not mpath.is_file():
-        raise DataError(f"{root}: not a prepared data set (no {MANIFEST})")
+        raise DataError(f"{root}: not {what} (no {MANIFEST})")
     try:
         manifest = json.loads(mpath.read_text())
     except json.JSONDecodeError as err:
         raise DataError(f"{mpath}: corrupt manifest ({err.msg})") from None
-    if manifest.get("format") != FORMAT:
-        raise DataError(f"{mpath}: unsupported format {manifest.get('format')!r} (expected {FORMAT!r})")
-    tok = manifest["tokenizer"]
-    entries = [{"file": tok["file"], "bytes": tok["bytes"], "sha256": tok["sha256"]}] + manifest["shards"]
+    if manifest.get("format") != fmt:
+        raise DataError(f"{mpath}: unsupported format {manifest.get('format')!r} (expected {fmt!r})")
+    return manifest
+
+
+def check_files(root: Path, entries: list[dict[str, Any]], verify: str = "size") -> None:
+    """Every ``{"file", "bytes", "sha256"}`` entry exists with its size (and, with ``verify=
+    "checksum"``, its sha256)."""
     for entry in entries:
         path = root / entry["file"]
         if not path.is_file():
-            raise DataError(f"{path}: shard listed in {MANIFEST} is missing")
+            raise DataError(f"{path}: listed in {MANIFEST} but missing")
         size = path.stat().st_size
         if size != entry["bytes"]:
             raise DataError(f"{path}: size {size} bytes, manifest says {entry['bytes']} (truncated or replaced)")
         if verify == "checksum" and sha256_file(path) != entry["sha256"]:
             raise DataError(f"{path}: checksum mismatch (sha256 differs from {MANIFEST}); re-run `bigtrain data prepare`")
+
+
+def open_prepared(root: str | Path, verify: str = "size") -> PreparedData:
+    """Open a prepared directory and check it. ``verify``: "size" (fast) or "checksum" (reads all)."""
+    root = Path(root)
+    manifest = load_manifest(root, FORMAT, "a prepared data set")
+    tok = manifest["tokenizer"]
+    check_files(root, [{"file": tok["file"], "bytes": tok["bytes"], "sha256": tok["sha256"]}] + manifest["shards"],
+                verify)
     data = PreparedData(root, manifest)
     if data.tokens("train") < 2:
         raise DataError(f"{root}: the train split holds fewer than 2 tokens")

@@ -96,7 +96,8 @@ def _text_of(record: Any, text_field: str, where: str, bad: BadRecords) -> str |
     return record[text_field]
 
 
-def _jsonl(f: Path, text_field: str, bad: BadRecords) -> Iterator[str | None]:
+def jsonl_records(f: Path, bad: BadRecords) -> Iterator[tuple[str, Any]]:
+    """("file:line", parsed JSON) for every non-blank line of a .jsonl file."""
     with open(f, "rb") as fh:
         for lineno, raw in enumerate(fh, 1):
             try:
@@ -107,28 +108,38 @@ def _jsonl(f: Path, text_field: str, bad: BadRecords) -> Iterator[str | None]:
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                yield f"{f}:{lineno}", json.loads(line)
             except json.JSONDecodeError as err:
                 bad(f"{f}:{lineno}", f"not valid JSON ({err.msg})")
-                continue
-            yield _text_of(record, text_field, f"{f}:{lineno}", bad)
 
 
-def _tsv(f: Path, text_field: str, bad: BadRecords) -> Iterator[str | None]:
+def tsv_rows(f: Path, columns: Sequence[str], bad: BadRecords) -> Iterator[tuple[str, list[str]]]:
+    """("file:line", [values of ``columns``]) for every row of a .tsv file with a header row."""
     csv.field_size_limit(sys.maxsize)
     with open(f, encoding="utf-8", newline="") as fh:
         reader = csv.reader(fh, delimiter="\t")
         header = next(reader, None)
         if header is None:
             return
-        if text_field not in header:
-            raise DataError(f"{f}:1: header has no column '{text_field}' (columns: {', '.join(header)})")
-        col = header.index(text_field)
+        missing = [c for c in columns if c not in header]
+        if missing:
+            raise DataError(f"{f}:1: header has no column '{missing[0]}' (columns: {', '.join(header)})")
+        index = [header.index(c) for c in columns]
         for row in reader:
             if len(row) != len(header):
                 bad(f"{f}:{reader.line_num}", f"{len(row)} columns, the header has {len(header)}")
                 continue
-            yield row[col]
+            yield f"{f}:{reader.line_num}", [row[i] for i in index]
+
+
+def _jsonl(f: Path, text_field: str, bad: BadRecords) -> Iterator[str | None]:
+    for where, record in jsonl_records(f, bad):
+        yield _text_of(record, text_field, where, bad)
+
+
+def _tsv(f: Path, text_field: str, bad: BadRecords) -> Iterator[str | None]:
+    for _, row in tsv_rows(f, (text_field,), bad):
+        yield row[0]
 
 
 def _parquet(f: Path, text_field: str, bad: BadRecords) -> Iterator[str | None]:
