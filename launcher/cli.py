@@ -51,10 +51,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(shlex.join(cmd))
         return 0
-    if cfg.data.path is not None:  # fail on bad data here, before any rank starts
-        from bigtrain.data.prepare import prepare
+    if cfg.data.path is not None or cfg.data.sources:  # fail on bad data here, before any rank starts
+        from bigtrain.data.prepare import prepare_sources
 
-        prepare(cfg.data)
+        prepare_sources(cfg.data)
     sys.stdout.flush()
     os.execvpe(cmd[0], cmd, env)
     return 0  # not reached
@@ -74,13 +74,15 @@ def _data_config(args: argparse.Namespace) -> RunConfig:
 
 
 def cmd_data_prepare(args: argparse.Namespace) -> int:
-    from bigtrain.data.prepare import prepare
+    from bigtrain.data.prepare import prepare, prepare_sources
 
     cfg = _data_config(args)
-    data = prepare(cfg.data, out_dir=args.out)
-    stats = data.manifest["stats"]
-    print(f"prepared: {data.root}  ({stats['train_tokens']:,} train + {stats['val_tokens']:,} val tokens, "
-          f"vocab {data.vocab_size})")
+    if cfg.data.sources and args.out:
+        raise ConfigError("--out: a mixture (data.sources) prepares one directory per source in the cache")
+    for data in ([prepare(cfg.data, out_dir=args.out)] if args.out else prepare_sources(cfg.data)):
+        stats = data.manifest["stats"]
+        print(f"prepared: {data.root}  ({stats['train_tokens']:,} train + {stats['val_tokens']:,} val tokens, "
+              f"vocab {data.vocab_size})")
     return 0
 
 

@@ -304,3 +304,13 @@ def test_hf_iterable_dataset_resumes_exactly_and_splits_by_rank(prepared, tiny_t
     s.next(), s.next()
     with pytest.raises(DataError, match="saved by 2 ranks, this run has 1"):
         stream().load_state_dict(s.state_dict())
+
+
+def test_path_and_sources_together_are_one_line_config_error():
+    from bigtrain.config import ConfigError, load_config
+    from conftest import TEST_CONFIG
+
+    with pytest.raises(ConfigError, match=r"set either data.path \(one source\) or data.sources"):
+        load_config(TEST_CONFIG, ["data.path=a.txt", "data.sources=[{path: b.txt, weight: 2}]"])
+    cfg = load_config(TEST_CONFIG, ["data.sources=[{path: a.txt, weight: 2}, {path: b.jsonl}]"])
+    assert cfg.data.weights == [2.0, 1.0] and [s.path for s in cfg.data.source_sections()] == ["a.txt", "b.jsonl"]
