@@ -74,7 +74,8 @@ def set_cpu_threads(local_world_size: int, threads: int | None = None) -> int:
     return threads
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
     import socket
 
     with socket.socket() as s:
@@ -106,7 +107,7 @@ def init(threads: int | None = None, timeout_s: float = 600.0, always: bool = Fa
         set_cpu_threads(local_world, threads)
     if (world > 1 or always) and not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()) if world == 1 else "29500")
+        os.environ.setdefault("MASTER_PORT", str(free_port()) if world == 1 else "29500")
         # Engines (DeepSpeed) read these directly; srun or a plain `python` may not have set them.
         for name, value in (("RANK", rank), ("WORLD_SIZE", world), ("LOCAL_RANK", local_rank),
                             ("LOCAL_WORLD_SIZE", local_world)):

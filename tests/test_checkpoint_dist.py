@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from bigtrain.dist import free_port
 from conftest import OFFLINE_ENV, ROOT, read_jsonl, run_cli, train_args
 from test_checkpoint import losses, ok, same_weights, start, wait_for_step
 
@@ -113,12 +113,6 @@ def kill_tree(pid: int) -> None:
             os.kill(victim, signal.SIGKILL)
         except ProcessLookupError:
             pass
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_torchrun_restarts_a_killed_rank_and_the_run_resumes(tmp_path, references, cache_dir, tiny_text):

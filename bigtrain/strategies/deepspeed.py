@@ -23,6 +23,7 @@ from bigtrain.config import RunConfig, deep_merge
 from bigtrain.optim import adamw_kwargs, param_groups
 from bigtrain.strategies import memory
 from bigtrain.strategies.base import Strategy, causal_lm_loss, enable_activation_checkpointing
+from bigtrain.strategies.single import load_full_state
 
 DS_DIR = "deepspeed"
 TAG = "state"
@@ -191,8 +192,4 @@ def load_consolidated(model: nn.Module, directory: Path) -> None:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     state = get_fp32_state_dict_from_zero_checkpoint(str(Path(directory) / DS_DIR), tag=TAG)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = {k for k in missing if k.endswith("lm_head.weight")}
-    if set(missing) - tied or unexpected:
-        raise ValueError(f"{directory}: DeepSpeed weights do not match the model "
-                         f"(missing {sorted(set(missing) - tied)[:3]}, unexpected {unexpected[:3]})")
+    load_full_state(model, state, f"{directory}: DeepSpeed weights")

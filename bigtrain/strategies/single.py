@@ -94,12 +94,17 @@ class SingleStrategy(Strategy):
 
 def load_model_file(model: nn.Module, directory: Path, device: torch.device | str = "cpu") -> None:
     """Load ``directory/model.safetensors`` (full, unsharded weights) into ``model``."""
-    state = load_file(str(directory / "model.safetensors"), device=str(device))
+    load_full_state(model, load_file(str(directory / "model.safetensors"), device=str(device)),
+                    f"{directory}/model.safetensors")
+
+
+def load_full_state(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
+    """Load full (unsharded) weights; tied weights may be absent. ValueError naming ``where``
+    if the keys do not match the model."""
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not _is_tied(model, k)]
     if missing or unexpected:
-        raise ValueError(f"{directory}/model.safetensors does not match the model "
-                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise ValueError(f"{where} does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
 
 
 def _is_tied(model: nn.Module, key: str) -> bool:
