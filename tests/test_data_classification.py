@@ -1,6 +1,7 @@
 """Sequence classification records: tsv/jsonl, label sets, padding and bucketing, partitioning, bad input."""
 
 import csv
+import hashlib
 import json
 
 import numpy as np
@@ -56,15 +57,17 @@ def test_tsv_and_jsonl_round_trip_with_inferred_and_given_labels(tmp_path, tok, 
 def test_bucketing_cuts_padding_but_keeps_each_steps_records(tmp_path, tok, records):
     prepare_classification([write_tsv(tmp_path / "r.tsv", records)], tok, tmp_path / "set", log=lambda _m: None)
 
-    def run(bucket):
-        s = ClassificationStream(tmp_path / "set", global_batch=64, micro_batch=8, seed=1, bucket=bucket)
+    def run(bucket, world=1):
+        ranks = [ClassificationStream(tmp_path / "set", global_batch=64, micro_batch=8, seed=1, bucket=bucket,
+                                      rank=r, world_size=world) for r in range(world)]
         steps, padding = [], 0
         for step in range(5):
             seen = []
-            for m in range(s.accum):
-                b = s.micro_batch_at(step * s.accum + m)
-                padding += (b["attention_mask"] == 0).sum().item()
-                seen += b["sample"].tolist()
+            for s in ranks:
+                for m in range(s.accum):
+                    b = s.micro_batch_at(step * s.accum + m)
+                    padding += (b["attention_mask"] == 0).sum().item()
+                    seen += b["sample"].tolist()
             steps.append(sorted(seen))
         return steps, padding
 
@@ -72,13 +75,36 @@ def test_bucketing_cuts_padding_but_keeps_each_steps_records(tmp_path, tok, reco
     bucket_steps, bucket_pad = run(True)
     assert bucket_steps == plain_steps
     assert bucket_pad < 0.5 * plain_pad, (bucket_pad, plain_pad)
+    two_steps, two_pad = run(True, world=2)  # the step's global batch is sorted across ranks
+    assert two_steps == plain_steps and two_pad == bucket_pad
+    # micro-batch m of both ranks holds neighbouring lengths: rank-to-rank spread stays small
+    a, b = (ClassificationStream(tmp_path / "set", global_batch=64, micro_batch=8, seed=1, bucket=True,
+                                 rank=r, world_size=2) for r in (0, 1))
+    for m in range(a.accum):
+        la, lb = (s.micro_batch_at(m)["attention_mask"].sum(1) for s in (a, b))
+        assert la.max() <= lb.min()  # rank 0 takes group 2m, rank 1 group 2m + 1
 
 
-def test_two_ranks_two_workers_cover_every_record_once(tmp_path, tok, records):
+def test_numeric_labels_keep_their_order_and_manifest_checksums_sources(tmp_path, tok, records):
+    rows = [(t, str(i % 12)) for i, (t, _) in enumerate(records[:60])]
+    tsv = write_tsv(tmp_path / "n.tsv", rows)
+    m = prepare_classification([tsv], tok, tmp_path / "set", log=lambda _m: None)
+    assert m["labels"] == [str(i) for i in range(12)] and m["label_counts"] == [5] * 12
+    assert m["format"] == "bigtrain-records/1" and m["tokenizer_sha256"] == tok.fingerprint
+    assert m["sources"][0]["sha256"] == hashlib.sha256(tsv.read_bytes()).hexdigest()
+    s = ClassificationStream(tmp_path / "set", global_batch=60, micro_batch=60, shuffle=False)
+    assert s.micro_batch_at(0)["labels"].tolist() == [i % 12 for i in range(60)]
+    given = prepare_classification([tsv], tok, tmp_path / "given", labels=range(12), log=lambda _m: None)
+    assert given["labels"] == m["labels"]
+
+
+@pytest.mark.parametrize("bucket", [False, True])
+def test_two_ranks_two_workers_cover_every_record_once(tmp_path, tok, records, bucket):
     prepare_classification([write_tsv(tmp_path / "r.tsv", records)], tok, tmp_path / "set", log=lambda _m: None)
     seen = []
     for rank in (0, 1):
-        s = ClassificationStream(tmp_path / "set", global_batch=40, micro_batch=10, rank=rank, world_size=2)
+        s = ClassificationStream(tmp_path / "set", global_batch=40, micro_batch=10, rank=rank, world_size=2,
+                                 bucket=bucket)
         it = iter(DataLoader(s, batch_size=None, num_workers=2, prefetch_factor=2))
         for _ in range(len(records) // 40 * 2):
             b = next(it)

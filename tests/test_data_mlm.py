@@ -35,6 +35,8 @@ def test_masking_statistics_on_real_text(prepared):
     assert kept == pytest.approx(0.1, abs=0.03)  # random replacements may hit the same id: rare
     assert 1 - as_mask - kept == pytest.approx(0.1, abs=0.03)
     assert (b["input_ids"][~masked] == original[~masked]).all()
+    replaced = b["input_ids"][masked & (b["input_ids"] != s.mask_id)]
+    assert not torch.isin(replaced, torch.tensor(s.special_ids)).any()  # random tokens are never special
 
 
 def test_masks_are_drawn_from_seed_and_position(prepared):
@@ -44,6 +46,22 @@ def test_masks_are_drawn_from_seed_and_position(prepared):
     assert torch.equal(b["input_ids"], a["input_ids"][128:192]) and torch.equal(b["labels"], a["labels"][128:192])
     _, c = batch(prepared, seed=1)
     assert not torch.equal(c["labels"], a["labels"])
+    # resume at step 1 with another world size: the same masks as an uninterrupted run
+    run = MaskedLMStream([prepared], 128, 32, 16, seed=0)
+    expected = run.micro_batch_at(2)
+    resumed = MaskedLMStream([prepared], 128, 32, 8, rank=0, world_size=2, seed=0)
+    resumed.load_state_dict(run.state_dict(steps_done=1))
+    got = resumed.micro_batch_at(0)
+    assert torch.equal(got["input_ids"], expected["input_ids"][:8]) and torch.equal(got["labels"], expected["labels"][:8])
+
+
+def test_words_of_our_sentencepiece_pieces(prepared):
+    tok = Tokenizer.load(prepared.tokenizer_path)
+    ids = torch.tensor(tok.encode("First Citizen:\nBefore we  proceed"))
+    words = word_ids(ids, *word_tables(tok))
+    text = [tok.decode(ids[words == w].tolist()) for w in range(int(words.max()) + 1)]
+    # a line's first word has no leading space; newlines and extra spaces are words of their own
+    assert text == ["First", " Citizen:", "\n", "Before", " we", " ", " proceed"]
 
 
 def test_whole_word_masking_masks_words_in_full(prepared):

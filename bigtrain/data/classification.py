@@ -1,16 +1,24 @@
 """Sequence classification: (text, label) records -> a prepared record set -> padded batches.
 
-Records come from ``.tsv`` (a header row; columns ``text_field`` and ``label_field``) or ``.jsonl``
-(fields of the same names). The label set is given, or inferred as the sorted distinct labels of
-the inputs; a label outside a given set, a line that is not JSON or a row with missing columns
-raises :class:`DataError` naming the file and line (``on_bad_record="skip"`` counts and skips it).
+Records come from ``.tsv`` (a header row; columns ``text_field`` and ``label_field``; csv module,
+tab delimiter, default quoting) or ``.jsonl`` (fields of the same names). Labels are compared as
+strings. The label set is given, or inferred as the sorted distinct labels of the inputs (in
+numeric order if they are all integers, so labels ``0..10`` get ids ``0..10``); a label outside a
+given set, a line that is not JSON or a row with missing columns raises :class:`DataError`
+naming the file and line (``on_bad_record="skip"`` counts and skips it, and logs how many).
 
 A prepared record set is a directory: ``tokens.bin`` (all records' token ids back to back),
 ``offsets.npy`` (int64, N + 1), ``labels.npy`` (int64), ``tokenizer.model`` and ``manifest.json``
 (written last, then the directory is renamed into place). :class:`ClassificationStream` pads each
-micro-batch to its longest record; with ``bucket=True`` each rank sorts its share of a step by
-length before cutting it into micro-batches, so micro-batches hold similar lengths while every
-step still reads exactly the same records.
+micro-batch to its longest record.
+
+Bucketing (``bucket=True``): the global batch of a step (the same positions as without
+bucketing) is sorted by record length (stably) and cut into groups of ``micro_batch``; group
+``m * world_size + r`` is micro-batch ``m`` of rank ``r``. Micro-batches thus hold records of
+similar lengths (less padding), the ranks run micro-batches of similar lengths side by side,
+and every step still reads exactly the same records as without bucketing; which rank reads
+which record of a step changes. The mapping depends only on (seed, step, global batch), so
+resuming, with any world size, is exact.
 """
 
 from __future__ import annotations
@@ -51,6 +59,13 @@ def read_records(files: Sequence[Path], text_field: str = "text", label_field: s
             raise DataError(f"{f}: classification records must be .tsv or .jsonl")
 
 
+def _label_order(found: set[str]) -> list[str]:
+    try:
+        return sorted(found, key=int)
+    except ValueError:
+        return sorted(found)
+
+
 def prepare_classification(files: Sequence[str | Path], tokenizer: Tokenizer, out_dir: str | Path,
                            labels: Optional[Sequence[str]] = None, text_field: str = "text",
                            label_field: str = "label", on_bad_record: str = "error",
@@ -58,7 +73,9 @@ def prepare_classification(files: Sequence[str | Path], tokenizer: Tokenizer, ou
     """Tokenize the records of ``files`` into a record set at ``out_dir``; return its manifest."""
     bad = BadRecords(skip=on_bad_record == "skip")
     records = list(read_records([Path(f) for f in files], text_field, label_field, bad))
-    names = list(labels) if labels is not None else sorted({label for _, label, _ in records})
+    names = [str(x) for x in labels] if labels is not None else _label_order({label for _, label, _ in records})
+    if len(set(names)) != len(names):
+        raise ValueError(f"the label set has duplicates: {names}")
     index = {name: i for i, name in enumerate(names)}
     kept = []
     for text, label, where in records:
@@ -88,7 +105,9 @@ def prepare_classification(files: Sequence[str | Path], tokenizer: Tokenizer, ou
         manifest = {"format": FORMAT, "records": len(kept), "labels": names, "dtype": dtype.str,
                     "label_counts": np.bincount(label_ids, minlength=len(names)).tolist(),
                     "tokenizer_sha256": tokenizer.fingerprint, "bad_records_skipped": bad.count,
-                    "sources": [str(f) for f in files], "files": files_meta}
+                    "sources": [{"path": str(f), "bytes": Path(f).stat().st_size, "sha256": sha256_file(Path(f))}
+                                for f in files],
+                    "files": files_meta}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
         if out.exists():
             shutil.rmtree(out)
@@ -120,14 +139,16 @@ class ClassificationStream(PositionalStream):
         self.seed, self.max_len, self.bucket = seed, max_len, bucket
         self.order = SampleOrder(self.manifest["records"], seed, shuffle_buffer=shuffle_buffer, shuffle=shuffle)
         self._arrays: Optional[tuple[np.ndarray, np.ndarray, np.ndarray]] = None
+        self._bucketed: tuple[int, np.ndarray] = (-1, np.empty(0, dtype=np.int64))
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_arrays": None}
+        return {**self.__dict__, "_arrays": None, "_bucketed": (-1, np.empty(0, dtype=np.int64))}
 
     def _open(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         if self._arrays is None:
             self._arrays = (np.memmap(self.root / "tokens.bin", dtype=np.dtype(self.manifest["dtype"]), mode="r"),
-                            np.load(self.root / "offsets.npy"), np.load(self.root / "labels.npy"))
+                            np.load(self.root / "offsets.npy", mmap_mode="r"),
+                            np.load(self.root / "labels.npy", mmap_mode="r"))
         return self._arrays
 
     @property
@@ -136,21 +157,27 @@ class ClassificationStream(PositionalStream):
 
     def fingerprint(self) -> dict[str, Any]:
         return {"records": self.manifest["files"]["tokens.bin"]["sha256"], "seed": self.seed,
-                "shuffle": self.order.shuffle, "shuffle_buffer": self.order.shuffle_buffer, "bucket": self.bucket}
+                "shuffle": self.order.shuffle, "shuffle_buffer": self.order.shuffle_buffer, "bucket": self.bucket,
+                "max_len": self.max_len, "cls": self.cls_id is not None}
 
-    def length(self, sample: int) -> int:
+    def lengths(self, samples: np.ndarray) -> np.ndarray:
+        """Row lengths (with ``<cls>``, truncated to ``max_len``) of these records."""
         _, offsets, _ = self._open()
-        return min(int(offsets[sample + 1] - offsets[sample]) + (self.cls_id is not None), self.max_len)
+        samples = np.asarray(samples, dtype=np.int64)
+        n = np.asarray(offsets[samples + 1] - offsets[samples]) + (self.cls_id is not None)
+        return np.minimum(n, self.max_len)
 
     def positions(self, index: int) -> np.ndarray:
         if not self.bucket:
             return super().positions(index)
         step, micro = divmod(index, self.accum)
-        first = self.start + step * self.global_batch + self.rank * self.per_rank
-        share = np.arange(first, first + self.per_rank, dtype=np.int64)
-        lengths = [self.length(self.order.sample_at(int(p))) for p in share]
-        ordered = share[np.argsort(lengths, kind="stable")]
-        return ordered[micro * self.micro_batch:(micro + 1) * self.micro_batch]
+        first = self.start + step * self.global_batch
+        if self._bucketed[0] != first:  # sort the step's global batch once (per worker)
+            batch = np.arange(first, first + self.global_batch, dtype=np.int64)
+            lengths = self.lengths(self.order.samples(first, self.global_batch))
+            self._bucketed = (first, batch[np.argsort(lengths, kind="stable")])
+        group = micro * self.world_size + self.rank
+        return self._bucketed[1][group * self.micro_batch:(group + 1) * self.micro_batch]
 
     def build(self, positions: np.ndarray) -> dict[str, torch.Tensor]:
         tokens, offsets, labels = self._open()
@@ -167,5 +194,5 @@ class ClassificationStream(PositionalStream):
         for k, r in enumerate(rows):
             x[k, : len(r)] = torch.from_numpy(r)
             mask[k, : len(r)] = 1
-        return {"input_ids": x, "attention_mask": mask, "labels": torch.from_numpy(labels[ids]),
+        return {"input_ids": x, "attention_mask": mask, "labels": torch.from_numpy(np.asarray(labels[ids])),
                 "sample": torch.tensor(ids), "position": torch.from_numpy(np.asarray(positions))}

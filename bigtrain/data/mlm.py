@@ -3,8 +3,15 @@
 :func:`mask_tokens` picks 15% of the non-special tokens (or of the words, with whole-word
 masking); of those, 80% become ``<mask>``, 10% a random non-special token and 10% stay; labels
 are the original ids there and -100 elsewhere. :class:`MaskedLMStream` packs the prepared token
-shards like the causal-LM reader and masks each sample with a generator seeded by (seed,
-position), so a resumed or resharded run masks exactly the same tokens.
+shards like the causal-LM reader (without the shift: inputs and labels are aligned) and masks
+each sample with a generator seeded by (seed, position), so a resumed or resharded run masks
+exactly the same tokens.
+
+Words, for whole-word masking with our SentencePiece models (no dummy prefix, spaces kept as
+``▁``, ``\\n`` its own piece): a piece starts a word if it begins with ``▁`` or is whitespace
+(all ``▁``, ``\\n``, or a byte-fallback piece of an ASCII whitespace byte); a whitespace piece
+also ends its word, so the piece after it starts the next one (the first word of a line has no
+``▁``). Whitespace pieces are thus words of their own.
 """
 
 from __future__ import annotations
@@ -15,34 +22,51 @@ import numpy as np
 import torch
 
 from bigtrain.data.shards import PreparedData
+from bigtrain.data.sources import DataError
 from bigtrain.data.stream import CausalLMStream
 from bigtrain.data.tokenizer import SPECIAL_PIECES, Tokenizer
 
 IGNORE = -100
+_WHITESPACE_BYTES = {f"<0x{b:02X}>" for b in b" \t\n\r\x0b\x0c"}
+
+
+def _is_whitespace_piece(piece: str) -> bool:
+    return piece in _WHITESPACE_BYTES or (piece != "" and piece.strip("\u2581\n") == "")
 
 
 def word_tables(tokenizer: Tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per token id: does its piece start a word (leading ``▁``), does it end one (a newline or a
-    trailing ``▁``)? The tokenizer keeps spaces as ``▁`` and newlines as their own piece."""
+    """Per token id (BoolTensor[vocab] each): does its piece start a word, does it end one?"""
     pieces = [tokenizer.sp.id_to_piece(i) for i in range(tokenizer.vocab_size)]
-    starts = torch.tensor([p.startswith("\u2581") for p in pieces])
-    ends = torch.tensor([p == "\n" or p.endswith("\u2581") for p in pieces])
+    ends = torch.tensor([_is_whitespace_piece(p) for p in pieces])
+    starts = torch.tensor([p.startswith("\u2581") for p in pieces]) | ends
     return starts, ends
 
 
 def word_ids(input_ids: torch.Tensor, starts: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
-    """Per position, the index of its word within the row."""
+    """Per position, the index of its word within the row (tables from :func:`word_tables`)."""
     begin = starts[input_ids].clone()
     begin[..., 1:] |= ends[input_ids[..., :-1]]
     begin[..., 0] = True
     return torch.cumsum(begin.long(), dim=-1) - 1
 
 
+def mask_generator(seed: int, position: int) -> torch.Generator:
+    """The generator that masks the sample at ``position`` (independent streams per (seed, position))."""
+    state = np.random.SeedSequence([int(seed), int(position), 4]).generate_state(1, np.uint64)[0]
+    return torch.Generator().manual_seed(int(state) & ((1 << 63) - 1))
+
+
 def mask_tokens(input_ids: torch.Tensor, generator: torch.Generator, mask_id: int, vocab_size: int,
                 special_ids: Sequence[int], prob: float = 0.15,
                 words: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mask one row (1-D) of token ids; ``words`` (from :func:`word_ids`) masks whole words."""
-    special = torch.isin(input_ids, torch.tensor(list(special_ids)))
+    """Mask one row (1-D LongTensor) of token ids; returns ``(inputs, labels)``.
+
+    ``words`` (per-position word index, non-decreasing, e.g. from :func:`word_ids`) switches to
+    whole-word masking: each word is chosen with probability ``prob`` and then masked in full
+    (its special tokens excepted). The draws depend only on the row and ``generator``.
+    """
+    special_ids = torch.as_tensor(list(special_ids), dtype=torch.long)
+    special = torch.isin(input_ids, special_ids)
     if words is None:
         chosen = (torch.rand(input_ids.shape, generator=generator) < prob) & ~special
     else:
@@ -53,37 +77,50 @@ def mask_tokens(input_ids: torch.Tensor, generator: torch.Generator, mask_id: in
     inputs = input_ids.clone()
     inputs[chosen & (roll < 0.8)] = mask_id
     randomize = chosen & (roll >= 0.8) & (roll < 0.9)
-    candidates = torch.tensor([i for i in range(vocab_size) if i not in set(special_ids)])
-    picks = candidates[torch.randint(len(candidates), input_ids.shape, generator=generator)]
-    inputs[randomize] = picks[randomize]
+    allowed = torch.ones(vocab_size, dtype=torch.bool)
+    allowed[special_ids[(special_ids >= 0) & (special_ids < vocab_size)]] = False
+    candidates = allowed.nonzero().squeeze(1)
+    n = int(randomize.sum())
+    inputs[randomize] = candidates[torch.randint(len(candidates), (n,), generator=generator)]
     return inputs, labels
 
 
 class MaskedLMStream(CausalLMStream):
-    """``{"input_ids", "labels", "attention_mask", "sample", "position"}`` for masked-LM training."""
+    """``{"input_ids", "labels", "attention_mask", "sample", "position"}`` for masked-LM training.
+
+    Sample ``i`` is the token window ``[i*L, i*L + L)`` of the packed train split (documents
+    back to back, separated by EOS, which like every special token is never masked).
+    """
 
     def __init__(self, sources: Sequence[PreparedData], seq_len: int, global_batch: int, micro_batch: int,
                  rank: int = 0, world_size: int = 1, seed: int = 0, mask_prob: float = 0.15,
                  whole_word: bool = False, **kw: Any):
         super().__init__(sources, seq_len, global_batch, micro_batch, rank, world_size, seed, **kw)
+        if not 0.0 < mask_prob < 1.0:
+            raise ValueError(f"mask_prob must be in (0, 1), got {mask_prob}")
         tok = Tokenizer.load(sources[0].tokenizer_path)
-        self.mask_prob, self.whole_word = mask_prob, whole_word
-        self.mask_id, self.vocab_size = tok.piece_id("<mask>"), tok.vocab_size
-        self.special_ids = sorted({tok.sp.unk_id(), tok.sp.bos_id(), tok.eos_id, tok.pad_id,
-                                   *(tok.piece_id(p) for p in SPECIAL_PIECES)})
+        try:
+            self.mask_id = tok.piece_id("<mask>")
+            control = [tok.piece_id(p) for p in SPECIAL_PIECES]
+        except KeyError as err:
+            raise DataError(f"{sources[0].tokenizer_path}: {err.args[0]} (masked-LM needs the control pieces "
+                            f"{', '.join(SPECIAL_PIECES)}; train the tokenizer with bigtrain)") from None
+        self.mask_prob, self.whole_word, self.vocab_size = mask_prob, whole_word, tok.vocab_size
+        self.special_ids = sorted({i for i in (tok.sp.unk_id(), tok.sp.bos_id(), tok.eos_id, tok.pad_id, *control)
+                                   if i >= 0})
         self.tables = word_tables(tok) if whole_word else None
 
     def fingerprint(self) -> dict[str, Any]:
-        return {**super().fingerprint(), "mask_prob": self.mask_prob, "whole_word": self.whole_word}
+        return {**super().fingerprint(), "task": "mlm", "mask_prob": self.mask_prob, "whole_word": self.whole_word}
 
     def build(self, positions: np.ndarray) -> dict[str, torch.Tensor]:
         base = super().build(positions)
-        rows = torch.cat([base["input_ids"][:, :1], base["labels"]], dim=1)[:, : self.seq_len]
+        rows = base["input_ids"]  # window[:L]: no shift for masked-LM
         inputs, labels = [], []
         for row, position in zip(rows, positions):
-            gen = torch.Generator().manual_seed(int(self.seed) * 1_000_003 + int(position))
-            words = word_ids(row, *self.tables) if self.tables else None
-            x, y = mask_tokens(row, gen, self.mask_id, self.vocab_size, self.special_ids, self.mask_prob, words)
+            words = word_ids(row, *self.tables) if self.tables is not None else None
+            x, y = mask_tokens(row, mask_generator(self.seed, int(position)), self.mask_id, self.vocab_size,
+                               self.special_ids, self.mask_prob, words)
             inputs.append(x)
             labels.append(y)
         return {"input_ids": torch.stack(inputs), "labels": torch.stack(labels),
