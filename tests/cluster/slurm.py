@@ -8,19 +8,24 @@ Slurm and munge come from Debian packages (installed here with apt-get when miss
 as ``munge`` on a private socket; every state, spool, pid and log file lives in a temporary
 directory. ``stop()`` kills exactly the daemons ``start()`` started (their process groups), then
 removes the namespaces, links and ``/etc/hosts`` lines it added. It is idempotent and also runs
-at interpreter exit. The recipe's facts are in ``../shared/RESOURCES.md`` (section SLURM).
+at interpreter exit and on SIGTERM/SIGHUP; lines a killed run left in ``/etc/hosts`` go at the next
+start. The recipe's facts are in ``../shared/RESOURCES.md`` (section SLURM).
 """
 
 from __future__ import annotations
 
 import atexit
 import fcntl
+import ipaddress
+import itertools
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Optional
@@ -28,6 +33,10 @@ from typing import Optional
 PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge"]
 BINARIES = ["slurmctld", "slurmd", "sbatch", "munged"]
 HOSTS = Path("/etc/hosts")
+MARKER = "# bigtrain-test-cluster"
+POLICY_RC = Path("/usr/sbin/policy-rc.d")
+_counter = itertools.count(1)
+_live: set["SlurmCluster"] = set()  # started and not yet stopped (stopped on SIGTERM/SIGHUP too)
 
 
 def _free_port() -> int:
@@ -52,20 +61,94 @@ def ensure_installed() -> None:
         if all(shutil.which(b) or Path(f"/usr/sbin/{b}").exists() for b in BINARIES):
             return
         env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        _run("apt-get", "update", "-qq", env=env)
-        _run("apt-get", "install", "-y", "-qq", "--no-install-recommends", *PACKAGES, env=env)
+        # The packages' postinst would start munge/slurmctld/slurmd as system services where an
+        # init system lets it; a policy-rc.d that says no keeps them stopped (Docker images have one).
+        own_policy = not POLICY_RC.exists()
+        if own_policy:
+            POLICY_RC.write_text("#!/bin/sh\n# bigtrain tests: no services started by package installs\nexit 101\n")
+            POLICY_RC.chmod(0o755)
+        try:
+            _run("apt-get", "update", "-qq", env=env)
+            _run("apt-get", "install", "-y", "-qq", "--no-install-recommends", *PACKAGES, env=env)
+        finally:
+            if own_policy:
+                POLICY_RC.unlink(missing_ok=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+def _edit_hosts(drop) -> None:
+    """Rewrite /etc/hosts in place (it may be a bind mount) without the lines ``drop`` selects."""
+    if not HOSTS.exists():
+        return
+    lines = HOSTS.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if not drop(line)]
+    if kept != lines:
+        HOSTS.write_text("".join(kept))
+
+
+def _drop_stale_hosts_lines() -> None:
+    """Lines left by a test process that was killed (SIGKILL: no atexit, no signal handler)."""
+    def stale(line: str) -> bool:
+        m = re.search(MARKER + r" bt(\d+)c\d+$", line.rstrip())
+        return bool(m) and not _pid_alive(int(m.group(1)))
+    _edit_hosts(stale)
+
+
+def _free_subnet() -> str:
+    """A 10.x.y.0/24 that overlaps no route, address or nameserver of this machine."""
+    text = subprocess.run(["ip", "-4", "route", "show", "table", "all"], capture_output=True, text=True).stdout
+    text += subprocess.run(["ip", "-4", "-o", "addr"], capture_output=True, text=True).stdout
+    text += Path("/etc/resolv.conf").read_text() if Path("/etc/resolv.conf").exists() else ""
+    used = []
+    for addr, plen in re.findall(r"\b(\d+\.\d+\.\d+\.\d+)(/\d+)?", text):
+        try:
+            used.append(ipaddress.ip_network(addr + (plen or "/32"), strict=False))
+        except ValueError:
+            pass
+    start = os.getpid()
+    for k in range(50 * 250):
+        n = (start + k) % (50 * 250)
+        subnet = ipaddress.ip_network(f"10.{200 + n // 250}.{n % 250}.0/24")
+        if not any(subnet.overlaps(u) for u in used):
+            return str(subnet.network_address).rsplit(".", 1)[0]
+    raise RuntimeError("no free 10.x.y.0/24 subnet for the emulated nodes")
+
+
+def _on_signal(signum, frame) -> None:
+    for cluster in list(_live):
+        cluster.stop()
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+
+
+def _install_signal_handlers() -> None:
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(sig) in (signal.SIG_DFL, None):
+            signal.signal(sig, _on_signal)
 
 
 class SlurmCluster:
     def __init__(self, nodes: int = 1, namespaces: bool = False, cpus_per_node: int = 2):
         self.nodes, self.namespaces, self.cpus = nodes, namespaces, cpus_per_node
-        self.tag = f"bt{os.getpid() % 100000}"
+        # Unique per cluster (one process may run two at once), short enough for interface names.
+        self.tag = f"bt{os.getpid()}c{next(_counter)}"
         self.node_names = [f"{self.tag}n{i + 1}" for i in range(nodes)]
         self.dir: Optional[Path] = None
         self.procs: list[subprocess.Popen] = []
         self.netns: list[str] = []
         self.links: list[str] = []
-        self.hosts_marker = f"# bigtrain-test-cluster {self.tag}"
+        self.hosts_marker = f"{MARKER} {self.tag}"
         self.env: dict[str, str] = {}
         self.job_env: dict[str, str] = {"GLOO_SOCKET_IFNAME": "eth0"} if namespaces else {}
         self._stopped = True
@@ -93,6 +176,9 @@ class SlurmCluster:
         ensure_installed()
         self._stopped = False
         atexit.register(self.stop)
+        _live.add(self)
+        _install_signal_handlers()
+        _drop_stale_hosts_lines()
         self.dir = Path(tempfile.mkdtemp(prefix=f"slurm-{self.tag}-"))
         self.dir.chmod(0o755)
         try:
@@ -105,8 +191,11 @@ class SlurmCluster:
             for i, name in enumerate(self.node_names):
                 cmd = ["slurmd", "-D", "-N", name, "-f", str(conf)]
                 if self.namespaces:
-                    cmd = ["nsenter", f"--net=/var/run/netns/{self.netns[i]}", "unshare", "--uts", "sh", "-c",
-                           f"hostname {name}; exec " + " ".join(cmd)]
+                    # Its own hostname (UTS) and resolv.conf (a private mount namespace; `ip netns exec`
+                    # would do that too, but it remounts /sys and slurmd then fails on cgroups).
+                    resolv = Path("/etc/netns") / self.netns[i] / "resolv.conf"
+                    cmd = ["nsenter", f"--net=/var/run/netns/{self.netns[i]}", "unshare", "--uts", "--mount", "sh",
+                           "-c", f"mount --bind {resolv} /etc/resolv.conf && hostname {name} && exec " + " ".join(cmd)]
                 self._spawn(f"slurmd-{name}", cmd)
             self._wait_idle(timeout)
         except BaseException:
@@ -142,7 +231,7 @@ class SlurmCluster:
         if not self.namespaces:
             self._add_hosts([("127.0.0.1", n) for n in self.node_names])
             return ["127.0.0.1"] * self.nodes
-        subnet = f"10.{200 + os.getpid() % 50}.{os.getpid() % 250}"
+        subnet = _free_subnet()
         bridge = f"{self.tag}br"
         _run("ip", "link", "add", bridge, "type", "bridge")
         self.links.append(bridge)
@@ -156,7 +245,8 @@ class SlurmCluster:
             self.netns.append(ns)
             etc = Path("/etc/netns") / ns
             etc.mkdir(parents=True, exist_ok=True)
-            (etc / "resolv.conf").write_text("# no nameserver: names come from /etc/hosts\n")
+            # No nameserver: names come from /etc/hosts, and a reverse lookup cannot block.
+            (etc / "resolv.conf").write_text("# bigtrain test node: no nameserver, names come from /etc/hosts\n")
             _run("ip", "link", "add", host_end, "type", "veth", "peer", "name", "eth0", "netns", ns)
             self.links.append(host_end)
             _run("ip", "link", "set", host_end, "master", bridge)
@@ -170,7 +260,10 @@ class SlurmCluster:
         return addrs
 
     def _add_hosts(self, entries: list[tuple[str, str]]) -> None:
+        text = HOSTS.read_text() if HOSTS.exists() else ""
         with open(HOSTS, "a") as fh:
+            if text and not text.endswith("\n"):
+                fh.write("\n")
             for addr, name in entries:
                 fh.write(f"{addr} {name} {self.hosts_marker}\n")
 
@@ -196,8 +289,7 @@ class SlurmCluster:
             "SlurmctldTimeout=30", "SlurmdTimeout=30", "InactiveLimit=0",
             "SchedulerParameters=batch_sched_delay=0",
         ]
-        if not self.namespaces:
-            lines.append("SlurmdParameters=config_overrides")
+        lines.append("SlurmdParameters=config_overrides")  # the node's CPUs are the ones configured here
         for name, addr in zip(self.node_names, addrs):
             node_host = host if not self.namespaces else name
             lines.append(f"NodeName={name} NodeHostname={node_host} NodeAddr={addr} Port={_free_port()} "
@@ -229,7 +321,8 @@ class SlurmCluster:
         if self.dir is None:
             return ""
         return "\n".join(f"== {p.name}\n" + p.read_text(errors="replace")[-3000:]
-                         for p in sorted(self.dir.glob("*.log")) + sorted(self.dir.glob("*.stdout")))
+                         for p in sorted(self.dir.glob("*.log")) + sorted(self.dir.glob("munge/*.log"))
+                         + sorted(self.dir.glob("*.stdout")))
 
     # -- stop -----------------------------------------------------------------------------------
     def stop(self) -> None:
@@ -265,12 +358,11 @@ class SlurmCluster:
             subprocess.run(["ip", "link", "del", link], capture_output=True)
         self.netns.clear()
         self.links.clear()
-        if HOSTS.exists():
-            kept = [line for line in HOSTS.read_text().splitlines(keepends=True) if self.hosts_marker not in line]
-            HOSTS.write_text("".join(kept))
+        _edit_hosts(lambda line: line.rstrip().endswith(self.hosts_marker))
         if self.dir is not None:
             shutil.rmtree(self.dir, ignore_errors=True)
         atexit.unregister(self.stop)
+        _live.discard(self)
 
     @property
     def pids(self) -> list[int]:
