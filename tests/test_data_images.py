@@ -106,7 +106,12 @@ def test_bad_image_sets_name_the_file(digits, tmp_path):
         open_images(bad)
     with pytest.raises(DataError, match=r"labels.npy: checksum mismatch"):
         open_images(bad, verify="checksum")
+    with pytest.raises(ValueError, match="crop_padding 8"):
+        ImageStream(digits, global_batch=8, micro_batch=8, crop_padding=8)
     raw = (bad / "images.npy").read_bytes()
     (bad / "images.npy").write_bytes(raw[:-100])
     with pytest.raises(DataError, match=r"images.npy: size .* \(truncated"):
+        open_images(bad)
+    (bad / "images.npy").unlink()
+    with pytest.raises(DataError, match=r"images.npy: listed in manifest.json but missing"):
         open_images(bad)

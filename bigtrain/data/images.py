@@ -131,9 +131,12 @@ class ImageStream(PositionalStream):
         super().__init__(global_batch, micro_batch, rank, world_size)
         self.root = Path(root)
         self.manifest = open_images(self.root)
-        n, _, h, _ = self.manifest["shape"]
+        n, _, h, w = self.manifest["shape"]
         self.seed, self.augment, self.flip = seed, augment, flip
         self.pad = crop_padding if crop_padding is not None else max(1, h // 8)
+        if augment and not 0 <= self.pad < min(h, w):
+            raise ValueError(f"crop_padding {self.pad} must be in [0, {min(h, w)}) for {h}x{w} images "
+                             f"(the padding reflects the image)")
         self.order = SampleOrder(n, seed, shuffle_buffer=shuffle_buffer, shuffle=shuffle)
         self.mean = torch.tensor(self.manifest["mean"]).view(1, -1, 1, 1)
         self.std = torch.tensor(self.manifest["std"]).view(1, -1, 1, 1)
@@ -147,7 +150,8 @@ class ImageStream(PositionalStream):
         return self.order.num_samples
 
     def fingerprint(self) -> dict[str, Any]:
-        return {"images": self.manifest["files"]["images.npy"]["sha256"], "seed": self.seed,
+        files = self.manifest["files"]
+        return {"images": files["images.npy"]["sha256"], "labels": files["labels.npy"]["sha256"], "seed": self.seed,
                 "augment": self.augment, "pad": self.pad, "flip": self.flip, "shuffle": self.order.shuffle,
                 "shuffle_buffer": self.order.shuffle_buffer}
 
