@@ -115,3 +115,14 @@ def test_bad_image_sets_name_the_file(digits, tmp_path):
     (bad / "images.npy").unlink()
     with pytest.raises(DataError, match=r"images.npy: listed in manifest.json but missing"):
         open_images(bad)
+
+
+def test_val_set_can_be_normalized_with_the_train_statistics(digits, tmp_path):
+    val = write_digits(tmp_path / "val", split="val")
+    own = ImageStream(val, global_batch=8, micro_batch=8, augment=False)
+    with_train = ImageStream(val, global_batch=8, micro_batch=8, augment=False, normalize_with=digits)
+    train_m = open_images(digits)
+    assert with_train.mean.flatten().tolist() == pytest.approx(train_m["mean"])
+    assert own.mean.flatten().tolist() != pytest.approx(train_m["mean"], abs=1e-9)
+    raw = own.micro_batch_at(0)["images"] * own.std + own.mean
+    assert torch.allclose(with_train.micro_batch_at(0)["images"], (raw - with_train.mean) / with_train.std, atol=1e-5)

@@ -127,7 +127,9 @@ class ImageStream(PositionalStream):
 
     def __init__(self, root: str | Path, global_batch: int, micro_batch: int, rank: int = 0, world_size: int = 1,
                  seed: int = 0, augment: bool = True, crop_padding: Optional[int] = None, flip: bool = True,
-                 shuffle: bool = True, shuffle_buffer: int = 16384):
+                 shuffle: bool = True, shuffle_buffer: int = 16384, normalize_with: Optional[str | Path] = None):
+        """``normalize_with``: another set (e.g. the train set, for a val stream) whose per-channel
+        mean/std normalize this one; default: this set's own."""
         super().__init__(global_batch, micro_batch, rank, world_size)
         self.root = Path(root)
         self.manifest = open_images(self.root)
@@ -138,8 +140,12 @@ class ImageStream(PositionalStream):
             raise ValueError(f"crop_padding {self.pad} must be in [0, {min(h, w)}) for {h}x{w} images "
                              f"(the padding reflects the image)")
         self.order = SampleOrder(n, seed, shuffle_buffer=shuffle_buffer, shuffle=shuffle)
-        self.mean = torch.tensor(self.manifest["mean"]).view(1, -1, 1, 1)
-        self.std = torch.tensor(self.manifest["std"]).view(1, -1, 1, 1)
+        stats = open_images(normalize_with) if normalize_with is not None else self.manifest
+        if stats["shape"][1] != self.manifest["shape"][1]:
+            raise ValueError(f"normalize_with: {normalize_with} has {stats['shape'][1]} channels, "
+                             f"{self.root} has {self.manifest['shape'][1]}")
+        self.mean = torch.tensor(stats["mean"]).view(1, -1, 1, 1)
+        self.std = torch.tensor(stats["std"]).view(1, -1, 1, 1)
         self._arrays: Optional[tuple[np.ndarray, np.ndarray]] = None
 
     def __getstate__(self) -> dict:
@@ -153,7 +159,7 @@ class ImageStream(PositionalStream):
         files = self.manifest["files"]
         return {"images": files["images.npy"]["sha256"], "labels": files["labels.npy"]["sha256"], "seed": self.seed,
                 "augment": self.augment, "pad": self.pad, "flip": self.flip, "shuffle": self.order.shuffle,
-                "shuffle_buffer": self.order.shuffle_buffer}
+                "shuffle_buffer": self.order.shuffle_buffer, "normalize_mean": self.mean.flatten().tolist()}
 
     def _augmented(self, image: np.ndarray, position: int) -> np.ndarray:
         rng = np.random.Generator(np.random.PCG64([self.seed, int(position), 3]))
