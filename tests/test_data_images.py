@@ -126,3 +126,18 @@ def test_val_set_can_be_normalized_with_the_train_statistics(digits, tmp_path):
     assert own.mean.flatten().tolist() != pytest.approx(train_m["mean"], abs=1e-9)
     raw = own.micro_batch_at(0)["images"] * own.std + own.mean
     assert torch.allclose(with_train.micro_batch_at(0)["images"], (raw - with_train.mean) / with_train.std, atol=1e-5)
+
+
+def test_each_epoch_is_a_new_permutation_and_crops_shift_the_image(digits):
+    n = open_images(digits)["shape"][0]
+    s = ImageStream(digits, global_batch=n, micro_batch=n, augment=False)
+    e0, e1 = s.micro_batch_at(0)["sample"], s.micro_batch_at(1)["sample"]
+    assert sorted(e0.tolist()) == sorted(e1.tolist()) == list(range(n))
+    assert not torch.equal(e0, e1)
+    plain = s.micro_batch_at(0)["images"][:64]
+    aug = ImageStream(digits, global_batch=n, micro_batch=n, crop_padding=1, flip=False).micro_batch_at(0)["images"][:64]
+    shifts = set()
+    for a, p in zip(aug, plain):  # pad 1: the interior 6x6 of a crop is the plain image moved by (dy, dx)
+        shifts |= {(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)
+                   if torch.equal(a[:, 1:7, 1:7], p[:, 1 + dy:7 + dy, 1 + dx:7 + dx])}
+    assert len(shifts - {(0, 0)}) >= 4
