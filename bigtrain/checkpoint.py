@@ -111,6 +111,12 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
 
 
+def derived_dir(checkpoint: Path, kind: str) -> Path:
+    """Where data derived from a checkpoint lives (e.g. DeepSpeed's universal conversion):
+    hidden beside it as ``.step-N.<kind>``, never taken for a checkpoint, pruned with it."""
+    return checkpoint.parent / f".{checkpoint.name}.{kind}"
+
+
 def step_of(path: Path) -> int:
     match = _STEP_DIR.match(path.name)
     if not match:
@@ -411,6 +417,8 @@ class CheckpointManager:
             if self.cfg.keep_every and step_of(old) % self.cfg.keep_every == 0:
                 continue
             shutil.rmtree(old, ignore_errors=True)
+            for derived in self.root.glob(f".{old.name}.*"):
+                shutil.rmtree(derived, ignore_errors=True)
 
     # -- loading --------------------------------------------------------------------------
     def load(self, path: Path, strategy, model_config: dict[str, Any]) -> dict[str, Any]:

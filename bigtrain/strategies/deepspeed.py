@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from bigtrain.checkpoint import fault_point
+from bigtrain.checkpoint import derived_dir, fault_point
 from bigtrain.config import RunConfig, deep_merge
 from bigtrain.optim import adamw_kwargs, param_groups
 from bigtrain.strategies import memory
@@ -133,22 +133,44 @@ class DeepSpeedStrategy(Strategy):
                                               load_lr_scheduler_states=False)
         for group, saved in zip(self.engine.optimizer.param_groups, hyper):
             group.update(saved)
+        _unshare_steps(getattr(self.engine.optimizer, "optimizer", self.engine.optimizer))
         self.engine._config.load_universal_checkpoint = False
         if path is None:
             raise RuntimeError(f"{source}: DeepSpeed could not load the checkpoint")
 
     def _universal(self, directory: Path) -> Path:
-        """Convert to a universal checkpoint (once, next to the checkpoint) for a new world size."""
+        """Collective: convert to a universal checkpoint (once, beside the checkpoint, as
+        ``.step-N.universal``) for a new world size. Written under a temporary name and renamed,
+        so a conversion killed half-way is redone, not reused."""
+        import shutil
+
         import torch.distributed as dist
 
-        out = directory.parent / f".{directory.name}.universal"
-        if self.info.is_main and not (out / TAG / "zero").is_dir():
-            subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
-                            "--input_folder", str(directory / DS_DIR / TAG), "--output_folder", str(out / TAG),
-                            "--num_extract_workers", "1", "--num_merge_workers", "1"],
-                           check=True, capture_output=True)
+        out = derived_dir(directory, "universal")
+        error = None
+        if self.info.is_main and not out.is_dir():
+            print(f"checkpoint: converting {directory.name} to a universal checkpoint ({out.name}) "
+                  f"for {self.info.world_size} ranks", flush=True)
+            tmp = out.with_name(out.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            # --inject_missing_state: ZeRO-1/2 checkpoints of a plain (data-parallel only) model
+            # carry no universal_checkpoint_info, which the converter otherwise insists on.
+            proc = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
+                                   "--input_folder", str(directory / DS_DIR / TAG), "--output_folder", str(tmp / TAG),
+                                   "--num_extract_workers", "1", "--num_merge_workers", "1", "--inject_missing_state"],
+                                  capture_output=True, text=True)
+            if proc.returncode == 0:
+                tmp.rename(out)
+            else:
+                tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+                error = f"{directory}: ds_to_universal failed (exit {proc.returncode}): " + " | ".join(tail)
+                shutil.rmtree(tmp, ignore_errors=True)
         if dist.is_initialized():
-            dist.barrier()
+            box = [error]
+            dist.broadcast_object_list(box, src=0)
+            error = box[0]
+        if error:
+            raise RuntimeError(error)
         return out
 
     def full_model_state(self):
@@ -185,6 +207,24 @@ class DeepSpeedStrategy(Strategy):
         buckets = self.ds_config["zero_optimization"]["reduce_bucket_size"]
         report["ds_reduce_bucket_bytes"] = int(buckets) * (2 if self.cfg.precision != "fp32" else 4)
         return report
+
+
+def _unshare_steps(optimizer: torch.optim.Optimizer) -> None:
+    """Give every parameter's Adam state its own ``step`` tensor.
+
+    ZeRO-3's universal loader (``load_hp_checkpoint_state_from_checkpoint_dir_stage3``) puts one
+    and the same ``step`` tensor into the state of every sub-group. ZeRO-3 steps the sub-groups one
+    after another, and torch's Adam increments ``step`` in place, so each optimizer step advanced
+    the shared counter once per sub-group: from the second group on, Adam's bias correction used a
+    step count that ran ahead (10, 12, ... instead of 9, 10, ...) and the losses drifted.
+    """
+    seen: set[int] = set()
+    for state in optimizer.state.values():
+        step = state.get("step")
+        if torch.is_tensor(step):
+            if id(step) in seen:
+                state["step"] = step.clone()
+            seen.add(id(step))
 
 
 def load_consolidated(model: nn.Module, directory: Path) -> None:
