@@ -561,6 +561,8 @@ def logs(run_dir: Path, follow_log: bool = False, task: Optional[int] = None, ou
 def cancel(run_dir: Path, out=sys.stdout) -> int:
     record = read_record(run_dir)
     job_id = str(record["job_id"])
+    # The job script sees this mark and does not requeue (scancel's TERM looks like preemption).
+    (Path(run_dir) / f".cancelled-{job_id}").touch()
     run_tool(["scancel", job_id])
     print(f"cancelled job {job_id} ({record.get('name')})", file=out)
     return 0

@@ -198,6 +198,7 @@ FAKE_SLURM = {
         case "$1 $2" in
           "show hostnames") echo fake1; echo fake2 ;;
           "show node") echo "NodeName=$3 Arch=x86_64 NodeAddr=10.9.8.7 NodeHostName=$3" ;;
+          "show job") echo "JobId=$3 JobName=gpt-test JobState=${FAKE_JOB_STATE:-RUNNING} Reason=None" ;;
         esac
     """,
     "scancel": 'echo "scancel $*" >> "$FAKE_LOG/calls"; kill -USR1 "$(cat "$FAKE_LOG/python.pid")"',
@@ -326,6 +327,23 @@ def test_requeue_code_requeues_and_other_codes_do_not(tmp_path):
     assert code == 1 and "requeue" not in (log / "calls").read_text()
 
 
+def test_a_cancelled_job_saves_but_is_not_requeued(tmp_path, monkeypatch):
+    """scancel's TERM looks like preemption (the ranks save and exit 75): no requeue when
+    `bigtrain cancel` left its mark, or when SLURM reports the job CANCELLED."""
+    bin_dir, log = fake_cluster(tmp_path)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    script = render_script(tmp_path, bin_dir=bin_dir, run_dir=run_dir)
+    (run_dir / ".cancelled-4242").touch()
+    code, out = run_script(tmp_path, script, log, bin_dir, "exit75")
+    assert code == 75 and "the job was cancelled, not requeueing" in out, out
+    assert "requeue" not in (log / "calls").read_text()
+    (run_dir / ".cancelled-4242").unlink()
+    monkeypatch.setenv("FAKE_JOB_STATE", "CANCELLED")
+    code, out = run_script(tmp_path, script, log, bin_dir, "exit75")
+    assert code == 75 and "not requeueing" in out and "scontrol requeue" not in (log / "calls").read_text(), out
+
+
 def test_usr1_to_the_batch_shell_is_forwarded_to_the_step(tmp_path):
     bin_dir, log = fake_cluster(tmp_path)
     script = render_script(tmp_path, bin_dir=bin_dir, run_dir=tmp_path / "run")
@@ -363,7 +381,7 @@ WORKER = """
 import os, signal, sys, time
 got = []
 signal.signal(signal.SIGUSR1, lambda s, f: got.append(s))
-print("worker", os.environ["RANK"], "ready", flush=True)
+os.write(1, ("worker %s ready\\n" % os.environ["RANK"]).encode())  # one write: lines of two ranks never mix
 if sys.argv[1] != "wait":
     sys.exit(int(sys.argv[1]) if os.environ["RANK"] == "0" else 0)
 end = time.time() + 60
@@ -409,7 +427,7 @@ def test_agent_exits_with_the_ranks_code(tmp_path):
 def test_agent_forwards_usr1_to_every_rank_and_returns_requeue(tmp_path):
     proc = agent(tmp_path, "wait")
     lines = []
-    while sum("ready" in line for line in lines) < 2:
+    while "".join(lines).count("ready") < 2:
         line = proc.stdout.readline()
         assert line, "".join(lines)
         lines.append(line)

@@ -201,6 +201,8 @@ def test_cancel_and_quoting_on_a_real_cluster(cluster, shared, tiny_text, tmp_pa
     assert proc.returncode == 0 and f"cancelled job {job}" in proc.stdout
     info = wait_done(cluster, run_dir)
     assert info["jobs"][0]["state"] == "CANCELLED"
+    assert info["jobs"][0]["restarts"] == 0  # scancel's TERM made the ranks save, but a cancel is no requeue
+    assert "requeueing job" not in log_of(run_dir)
     for where in (tmp_path, submit_dir, ROOT, run_dir):
         assert not list(where.glob("owned*")), where
     assert f"run dir {run_dir}" in log_of(run_dir)
