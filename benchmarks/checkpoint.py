@@ -54,7 +54,7 @@ def measure(name: str, overrides: list[str], strategy_name: str, repeats: int, i
     strategy = build_strategy(cfg, info)
     strategy.setup(model)
     x = torch.randint(0, vocab, (2, cfg.train.seq_len))
-    strategy.forward_backward(x, x, scale=1.0, last_micro=True)
+    strategy.forward_backward({"input_ids": x, "labels": x}, scale=1.0, last_micro=True)
     strategy.step(1e-4)
     results: dict[str, list[float]] = {"sync_save_s": [], "async_stall_s": [], "async_total_s": [], "load_s": []}
     size = 0

@@ -40,7 +40,7 @@ class RunSection(_Section):
 
 
 class ModelSection(_Section):
-    name: Literal["gpt2", "llama"] = "gpt2"
+    name: Literal["gpt2", "llama", "bert", "resnet"] = "gpt2"  # causal LMs | BERT encoder | ResNet CNN
     pretrained: Optional[str] = None  # local Hugging Face directory
     n_layer: int = Field(4, ge=1)
     n_head: int = Field(4, ge=1)
@@ -52,6 +52,10 @@ class ModelSection(_Section):
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     tie_embeddings: bool = True
     rope_theta: float = Field(10000.0, gt=0)
+    # resnet only: channels and residual blocks per stage, block type
+    widths: list[int] = Field(default_factory=lambda: [32, 64, 128])
+    depths: list[int] = Field(default_factory=lambda: [1, 1, 1])
+    layer_type: Literal["basic", "bottleneck"] = "basic"
 
     @model_validator(mode="after")
     def _heads_divide(self) -> "ModelSection":
@@ -59,6 +63,9 @@ class ModelSection(_Section):
             raise ValueError(f"model.d_model ({self.d_model}) must be divisible by model.n_head ({self.n_head})")
         if self.n_kv_head is not None and self.n_head % self.n_kv_head:
             raise ValueError(f"model.n_head ({self.n_head}) must be divisible by model.n_kv_head ({self.n_kv_head})")
+        if len(self.widths) != len(self.depths) or not self.widths or min(self.widths + self.depths) < 1:
+            raise ValueError(f"model.widths {self.widths} and model.depths {self.depths}: one positive entry per "
+                             f"ResNet stage, same length")
         return self
 
 
@@ -81,7 +88,8 @@ class DataSourceSection(_Section):
 
 class DataSection(_Section):
     path: Optional[Union[str, list[str]]] = None  # inputs (file, dir, glob; see data/sources.py) or a prepared dir
-    download: Optional[Literal["shakespeare"]] = None  # fetch this corpus into `path` if missing
+    # fetch into `path` if missing: a text corpus, or image sets (train/ and val/) for image_classification
+    download: Optional[Literal["shakespeare", "digits", "synthetic-images"]] = None
     sources: Optional[list[DataSourceSection]] = None  # several inputs mixed by weight (instead of `path`)
     text_field: str = "text"  # the text field of .jsonl / column of .parquet, .tsv, HF datasets
     reader: Literal["native", "hf"] = "native"  # "hf": read files with datasets.load_dataset(streaming=True)
@@ -95,6 +103,9 @@ class DataSection(_Section):
     num_workers: int = Field(0, ge=0)  # dataloader worker processes per rank
     prefetch_factor: int = Field(4, ge=1)  # micro-batches each worker keeps ready
     log_samples: bool = False  # write every micro-batch's sample ids to samples-rank<R>.jsonl
+    mask_prob: float = Field(0.15, gt=0.0, lt=1.0)  # masked_lm: share of tokens (or words) masked
+    whole_word_mask: bool = False  # masked_lm: mask whole words
+    augment: bool = True  # image_classification: random crop (reflect padding) + horizontal flip
 
     @model_validator(mode="after")
     def _path_or_sources(self) -> "DataSection":
@@ -326,8 +337,16 @@ class ResourcesSection(_Section):
         return self
 
 
+TASK_MODELS = {  # what each task trains, and on which models
+    "causal_lm": ("gpt2", "llama"),  # next-token prediction on packed text
+    "masked_lm": ("bert",),  # BERT pretraining: masked tokens of packed text
+    "image_classification": ("resnet",),  # labelled image sets
+}
+
+
 class RunConfig(_Section):
     run: RunSection = RunSection()
+    task: Literal["causal_lm", "masked_lm", "image_classification"] = "causal_lm"
     seed: int = 1337
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     model: ModelSection = ModelSection()
@@ -339,6 +358,22 @@ class RunConfig(_Section):
     checkpoint: CheckpointSection = CheckpointSection()
     tracking: TrackingSection = TrackingSection()
     resources: ResourcesSection = ResourcesSection()
+
+    @model_validator(mode="after")
+    def _task_fits(self) -> "RunConfig":
+        models = TASK_MODELS[self.task]
+        if self.model.name not in models:
+            raise ValueError(f"model.name: '{self.model.name}' cannot train task '{self.task}' "
+                             f"(expected {' or '.join(models)})")
+        images = self.task == "image_classification"
+        if self.data.download and (self.data.download in ("digits", "synthetic-images")) != images:
+            raise ValueError(f"data.download: '{self.data.download}' is not data for task '{self.task}'")
+        if images and self.data.sources is not None:
+            raise ValueError("data.sources: mixtures are for text tasks; image_classification reads data.path")
+        if self.model.name == "resnet" and self.strategy.activation_checkpointing:
+            raise ValueError("strategy.activation_checkpointing: not supported for resnet (recomputing a "
+                             "block would update its BatchNorm statistics twice)")
+        return self
 
     @property
     def run_dir(self) -> Path:

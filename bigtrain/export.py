@@ -4,13 +4,15 @@
 
 Writes ``config.json``, ``model.safetensors`` (consolidated from shards), ``generation_config.json``
 and the tokenizer (``tokenizer.json`` for ``AutoTokenizer`` plus the original SentencePiece
-``tokenizer.model``), then reloads the directory with ``AutoModelForCausalLM`` and checks that it
-gives the same logits as the checkpointed model.
+``tokenizer.model``; text tasks), then reloads the directory with the task's Auto class
+(``AutoModelForCausalLM``, ``AutoModelForMaskedLM``, ``AutoModelForImageClassification``) and
+checks that it gives the same logits as the checkpointed model.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -24,6 +26,7 @@ from bigtrain.config import ConfigError, validate
 from bigtrain.data.tokenizer import Tokenizer
 from bigtrain.exit_codes import BAD_INPUT, OK
 from bigtrain.models import build_causal_lm
+from bigtrain.tasks.base import HF_CONFIG
 
 
 def find_checkpoint(run_dir: Path, step: Optional[int]) -> Path:
@@ -84,28 +87,58 @@ def hf_tokenizer(tokenizer_file: Path):
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
 
 
+AUTO_CLASSES = {"causal_lm": "AutoModelForCausalLM", "masked_lm": "AutoModelForMaskedLM",
+                "image_classification": "AutoModelForImageClassification"}
+
+
+def build_empty_model(cfg, ckpt: Path, run_dir: Path, vocab_size: Optional[int]) -> torch.nn.Module:
+    """The checkpoint's model, freshly initialised: from its ``hf_config.json``, or (checkpoints
+    written before it existed) from the bigtrain config and the tokenizer's vocabulary."""
+    import transformers
+
+    auto = getattr(transformers, AUTO_CLASSES[cfg.task])
+    config_file = next((p for p in (ckpt / HF_CONFIG, run_dir / HF_CONFIG) if p.is_file()), None)
+    if config_file is not None:
+        config = transformers.AutoConfig.for_model(**json.loads(config_file.read_text()))
+        return auto.from_config(config, dtype=torch.float32)
+    if cfg.task != "causal_lm" or vocab_size is None:
+        raise CheckpointError(f"{ckpt}: no {HF_CONFIG} to rebuild the model from")
+    return build_causal_lm(cfg.model.model_copy(update={"pretrained": None}), vocab_size, cfg.train.seq_len)
+
+
+def check_inputs(model: torch.nn.Module, cfg, tokenizer: Optional[Tokenizer], sample: str) -> dict:
+    """Inputs to compare the exported model's outputs with the checkpoint's."""
+    if cfg.task == "image_classification":
+        gen = torch.Generator().manual_seed(0)
+        size = getattr(model.config, "image_size", None) or 32
+        return {"pixel_values": torch.randn(2, model.config.num_channels, size, size, generator=gen)}
+    return {"input_ids": torch.tensor([tokenizer.encode(sample)[: cfg.train.seq_len]])}
+
+
 def export_hf(run_dir: Path, out: Path, step: Optional[int] = None, force: bool = False,
               log=print) -> Path:
-    from transformers import AutoModelForCausalLM
+    import transformers
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
 
+    run_dir = Path(run_dir)
     ckpt = find_checkpoint(run_dir, step)
     manifest = verify(ckpt, "size")
     try:
         cfg = validate(yaml.safe_load((ckpt / "config.yaml").read_text()))
     except ConfigError as err:
         raise CheckpointError(f"{ckpt / 'config.yaml'}: {err}") from None
-    tok_file = next((p for p in (ckpt / "tokenizer.model", Path(run_dir) / "tokenizer.model") if p.is_file()), None)
-    if tok_file is None:
+    tok_file = next((p for p in (ckpt / "tokenizer.model", run_dir / "tokenizer.model") if p.is_file()), None)
+    text = cfg.task != "image_classification"
+    if text and tok_file is None:
         raise CheckpointError(f"{run_dir}: no tokenizer.model in the checkpoint or the run directory")
-    tokenizer = Tokenizer.load(tok_file)
+    tokenizer = Tokenizer.load(tok_file) if text else None
     if out.exists() and any(out.iterdir()) and not force:
         raise CheckpointError(f"{out}: exists and is not empty (pass --force to replace it)")
 
     torch.manual_seed(0)
-    model = build_causal_lm(cfg.model.model_copy(update={"pretrained": None}), tokenizer.vocab_size, cfg.train.seq_len)
+    model = build_empty_model(cfg, ckpt, run_dir, tokenizer.vocab_size if tokenizer else None)
     load_model_weights(manifest["strategy"], ckpt, model)
     model.eval()
 
@@ -113,25 +146,27 @@ def export_hf(run_dir: Path, out: Path, step: Optional[int] = None, force: bool 
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     model.save_pretrained(tmp, safe_serialization=True)
-    shutil.copy(tok_file, tmp / "tokenizer.model")
-    hf_tok = hf_tokenizer(tok_file)
     sample = "First Citizen:\nBefore we proceed any further, hear me speak.\n\tcafé"
-    if hf_tok.encode(sample, add_special_tokens=False) == tokenizer.encode(sample):
-        hf_tok.save_pretrained(tmp)
-    else:
-        log("export: WARNING the Hugging Face tokenizer does not reproduce the SentencePiece ids; "
-            "only tokenizer.model is exported")
+    if tokenizer is not None:
+        shutil.copy(tok_file, tmp / "tokenizer.model")
+        hf_tok = hf_tokenizer(tok_file)
+        if hf_tok.encode(sample, add_special_tokens=False) == tokenizer.encode(sample):
+            hf_tok.save_pretrained(tmp)
+        else:
+            log("export: WARNING the Hugging Face tokenizer does not reproduce the SentencePiece ids; "
+                "only tokenizer.model is exported")
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
 
-    # Check: the exported directory gives the checkpoint's logits.
-    reloaded = AutoModelForCausalLM.from_pretrained(out, local_files_only=True).eval()
-    ids = torch.tensor([tokenizer.encode(sample)[: cfg.train.seq_len]])
+    # Check: the exported directory gives the checkpoint's outputs.
+    auto = getattr(transformers, AUTO_CLASSES[cfg.task])
+    reloaded = auto.from_pretrained(out, local_files_only=True).eval()
+    inputs = check_inputs(model, cfg, tokenizer, sample)
     with torch.no_grad():
-        diff = (reloaded(input_ids=ids).logits - model(input_ids=ids).logits).abs().max().item()
-    log(f"exported {ckpt} ({manifest['strategy']}, {manifest['world_size']} ranks) -> {out}; "
-        f"max |logit difference| after reload: {diff:.2e}")
+        diff = (reloaded(**inputs).logits - model(**inputs).logits).abs().max().item()
+    log(f"exported {ckpt} ({cfg.task}, {manifest['strategy']}, {manifest['world_size']} ranks) -> {out}; "
+        f"reload with {AUTO_CLASSES[cfg.task]}; max |logit difference| after reload: {diff:.2e}")
     if diff > 1e-4:
         raise CheckpointError(f"{out}: reloaded model's logits differ from the checkpoint's by {diff:.2e}")
     return out

@@ -23,17 +23,14 @@ import torch.distributed as tdist
 from bigtrain import dist
 from bigtrain.checkpoint import CheckpointError, CheckpointManager, CheckpointSaveError
 from bigtrain.config import ConfigError, RunConfig, load_config
-from bigtrain.data.prepare import prepare_sources
-from bigtrain.data.shards import PreparedData, open_prepared
 from bigtrain.data.sources import DataError
-from bigtrain.data.stream import CausalLMStream, StatefulLoader, eval_batches
-from bigtrain.data.tokenizer import Tokenizer
-from bigtrain.models import build_causal_lm, flops_per_token
+from bigtrain.data.stream import StatefulLoader
 from bigtrain.optim import lr_at
 from bigtrain.preemption import Preemption
 from bigtrain.perf import peak_flops
 from bigtrain.sample import sample_text
 from bigtrain.strategies import build_strategy
+from bigtrain.tasks import Task, build_task
 from bigtrain.tracking import Tracker
 
 from bigtrain.exit_codes import BAD_INPUT as EXIT_BAD_INPUT
@@ -51,7 +48,6 @@ class TrainResult:
     run_dir: Path
     final_step: int
     val_loss: Optional[float]
-    unigram_entropy: float
     checkpoint: Optional[Path]
     preempted: bool = False
 
@@ -64,8 +60,8 @@ class SampleLog:
         self.fh = open(run_dir / f"samples-rank{rank}.jsonl", "a")
 
     def write(self, step: int, batch: dict) -> None:
-        self.fh.write(json.dumps({"step": step, "position": batch["position"].tolist(),
-                                  "source": batch["source"].tolist(), "sample": batch["sample"].tolist()}) + "\n")
+        record = {"step": step, **{k: batch[k].tolist() for k in ("position", "source", "sample") if k in batch}}
+        self.fh.write(json.dumps(record) + "\n")
 
     def close(self) -> None:
         self.fh.close()
@@ -86,40 +82,24 @@ def mean_over_ranks(value: torch.Tensor) -> float:
     return value.item()
 
 
-def load_data(cfg: RunConfig, info: dist.DistInfo, log) -> list[PreparedData]:
-    """Rank 0 prepares (or finds the cached) data sets; the others then open them."""
-    roots = None
-    if info.is_main:
-        roots = [str(d.root) for d in prepare_sources(cfg.data, log=log)]
-    roots = dist.broadcast_object(roots)
-    return [open_prepared(root, verify="size") for root in roots]
-
-
-def build_reader(cfg: RunConfig, sources: list[PreparedData], info: dist.DistInfo) -> StatefulLoader:
-    stream = CausalLMStream(sources, cfg.train.seq_len, cfg.train.global_batch_size, cfg.train.micro_batch_size,
-                            info.rank, info.world_size, cfg.seed, weights=cfg.data.weights,
-                            shuffle=cfg.data.shuffle, shuffle_buffer=cfg.data.shuffle_buffer)
-    return StatefulLoader(stream, cfg.data.num_workers, cfg.data.prefetch_factor,
-                          pin_memory=info.device.type == "cuda")
-
-
-def evaluate(strategy, cfg: RunConfig, sources: list[PreparedData], info: dist.DistInfo) -> dict[str, float]:
-    """Validation loss of every source, and ``val_loss``: their mean weighted like the mixture."""
+def evaluate(strategy, task: Task) -> Optional[dict[str, float]]:
+    """The task's validation metrics (None when it has no validation data)."""
+    sets = task.eval_sets()
+    if not sets:
+        return None
     strategy.train_mode(False)
-    totals = torch.zeros(len(sources), 2)
-    for k, data in enumerate(sources):
-        for x, y in eval_batches(data, cfg.train.seq_len, cfg.train.micro_batch_size, cfg.train.eval_batches,
-                                 info.rank, info.world_size):
-            totals[k] += torch.stack([strategy.eval_loss(x, y).float().cpu(), torch.tensor(1.0)])
+    sums = []
+    for batches in sets:
+        total = None
+        for batch in batches:
+            stats = strategy.evaluate(batch, task.eval_stats).float().cpu()
+            total = stats if total is None else total + stats
+        sums.append(total)
     strategy.train_mode(True)
+    stacked = torch.stack(sums)
     if tdist.is_initialized():
-        tdist.all_reduce(totals)
-    losses = (totals[:, 0] / totals[:, 1]).tolist()
-    weights = cfg.data.weights
-    result = {"val_loss": sum(w * v for w, v in zip(weights, losses)) / sum(weights)}
-    if len(sources) > 1:
-        result.update({f"val_loss_{k}": v for k, v in enumerate(losses)})
-    return result
+        tdist.all_reduce(stacked)
+    return task.eval_metrics(list(stacked))
 
 
 def train(cfg: RunConfig) -> TrainResult:
@@ -129,43 +109,44 @@ def train(cfg: RunConfig) -> TrainResult:
     run_dir = cfg.run_dir
     tracker_log = print if info.is_main else (lambda _msg: None)
 
-    sources = load_data(cfg, info, tracker_log)
-    data = sources[0]
-    tokenizer = Tokenizer.load(data.tokenizer_path)
+    task = build_task(cfg, info, tracker_log)
+    task.prepare()
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(cfg.to_yaml())
-        tokenizer.save(run_dir / "tokenizer.model")
-    dist.barrier()
 
     seed_everything(cfg.seed)
-    model = build_causal_lm(cfg.model, data.vocab_size, cfg.train.seq_len)
-    fpt = flops_per_token(model, cfg.train.seq_len)
+    model = task.build_model()
+    run_files = task.save_run_files(run_dir, model)
+    dist.barrier()
+    flops_per_sample = task.flops_per_sample(model)
     n_params = sum(p.numel() for p in model.parameters())
     strategy = build_strategy(cfg, info)
+    strategy.objective = task.objective
     strategy.setup(model)
 
-    ckpt = CheckpointManager(run_dir, cfg.checkpoint, info, log=tracker_log,
-                             extra_files=(run_dir / "tokenizer.model",))
+    ckpt = CheckpointManager(run_dir, cfg.checkpoint, info, log=tracker_log, extra_files=run_files)
     start_step, resumed_from, resume_state = 0, ckpt.agreed_resume_path(), {}
     if resumed_from is not None:
         resume_state = ckpt.load(resumed_from, strategy, cfg.model.model_dump(mode="json"))
         start_step = resume_state["step"]
 
     tracker = Tracker(cfg, run_dir, info.is_main, start_step)
-    tracker.log(f"run {cfg.run.name}: {n_params / 1e6:.2f}M params, strategy {strategy.name} x {info.world_size} "
+    tracker.log(f"run {cfg.run.name}: {cfg.task}, {n_params / 1e6:.2f}M params, strategy {strategy.name} x {info.world_size} "
                 f"({info.device.type}/{info.backend}), precision {cfg.precision}, run dir {run_dir}")
     if resumed_from:
         tracker.log(f"resumed from {resumed_from} at step {start_step}")
 
-    reader = build_reader(cfg, sources, info)
+    reader = StatefulLoader(task.train_stream(), cfg.data.num_workers, cfg.data.prefetch_factor,
+                            pin_memory=info.device.type == "cuda")
     if "data" in resume_state:
         reader.load_state_dict(resume_state["data"])
     else:  # a fresh run, or a checkpoint from before the reader state was saved: step s read s*B samples
         reader.stream.start = start_step * cfg.train.global_batch_size
     sample_log = SampleLog(run_dir, info.rank) if cfg.data.log_samples else None
     accum = cfg.grad_accum_steps(info.world_size)
-    tokens_per_step = cfg.train.global_batch_size * cfg.train.seq_len
+    samples_per_step = cfg.train.global_batch_size
+    tokens_per_step = samples_per_step * task.tokens_per_sample  # 0 for images
     peak = peak_flops(info.device, cfg.precision)
     max_steps = cfg.train.max_steps
     val_loss: Optional[float] = resume_state.get("val_loss")
@@ -181,21 +162,23 @@ def train(cfg: RunConfig) -> TrainResult:
             batch = reader.next()
             if sample_log:
                 sample_log.write(step, batch)
-            loss_sum += strategy.forward_backward(batch["input_ids"], batch["labels"], scale=1.0 / accum,
-                                                  last_micro=micro == accum - 1)
+            loss_sum += strategy.forward_backward(batch, scale=1.0 / accum, last_micro=micro == accum - 1)
         grad_norm = strategy.step(lr)
         done = step + 1
 
         if done % cfg.train.log_every == 0 or done == max_steps:
             loss = mean_over_ranks(loss_sum) / (accum * (done - last_logged))
             now = time.perf_counter()
-            tps = tokens_per_step * (done - last_logged) / (now - t_last)
-            record = {
-                "step": done, "loss": loss, "lr": lr, "grad_norm": float(grad_norm),
-                "tokens_per_s": tps, "elapsed_s": now - t_start, "tokens_seen": done * tokens_per_step,
-                "epoch": reader.stream.epoch_of(reader.state_dict()["position"]), "mfu": fpt * tps / (peak * info.world_size),
+            sps = samples_per_step * (done - last_logged) / (now - t_last)
+            record = {"step": done, "loss": loss, "lr": lr, "grad_norm": float(grad_norm)}
+            if tokens_per_step:
+                record.update(tokens_per_s=sps * task.tokens_per_sample, tokens_seen=done * tokens_per_step)
+            record.update({
+                "samples_per_s": sps, "samples_seen": done * samples_per_step, "elapsed_s": now - t_start,
+                "epoch": reader.stream.epoch_of(reader.state_dict()["position"]),
+                "mfu": flops_per_sample * sps / (peak * info.world_size),
                 **{f"mem_{k}": v for k, v in strategy.memory_report().items()},
-            }
+            })
             if not math.isfinite(loss):
                 tracker.log(f"step {done}: loss is {loss}; stopping")
                 raise FloatingPointError(f"loss became {loss} at step {done}")
@@ -204,9 +187,10 @@ def train(cfg: RunConfig) -> TrainResult:
             t_last, last_logged = time.perf_counter(), done
 
         if (cfg.train.eval_every and done % cfg.train.eval_every == 0) or done == max_steps:
-            evals = evaluate(strategy, cfg, sources, info)
-            val_loss = evals["val_loss"]
-            tracker.log_eval({"step": done, **evals, "val_ppl": math.exp(min(val_loss, 50))})
+            evals = evaluate(strategy, task)
+            if evals is not None:
+                val_loss = evals["val_loss"]
+                tracker.log_eval({"step": done, **evals})
             t_last = time.perf_counter()  # eval time is not training throughput
 
         if STEP_DELAY_S:
@@ -216,8 +200,8 @@ def train(cfg: RunConfig) -> TrainResult:
         last = done == max_steps
         periodic = (cfg.checkpoint.every_steps and done % cfg.checkpoint.every_steps == 0) or time_due
         if periodic or (last and cfg.checkpoint.save_final) or (stop and cfg.checkpoint.save_on_preempt):
-            state = {"step": done, "tokens_seen": done * tokens_per_step, "val_loss": val_loss,
-                     "data": reader.state_dict()}
+            state = {"step": done, "tokens_seen": done * tokens_per_step, "samples_seen": done * samples_per_step,
+                     "val_loss": val_loss, "data": reader.state_dict()}
             ckpt.save(done, strategy, state, cfg.to_yaml(), asynchronous=cfg.checkpoint.async_ and not (stop or last))
             preempt.mark_saved()
             t_last = time.perf_counter()
@@ -234,23 +218,21 @@ def train(cfg: RunConfig) -> TrainResult:
                     f"exiting with code {EXIT_REQUEUE} (requeue to resume)")
         tracker.close()
         dist.barrier()
-        return TrainResult(run_dir, done, val_loss, 0.0, last_ckpt, preempted=True)
+        return TrainResult(run_dir, done, val_loss, last_ckpt, preempted=True)
 
-    if cfg.train.sample_tokens and start_step < max_steps:
-        text = sample_text(strategy, tokenizer, cfg, cfg.train.sample_prompt, cfg.train.sample_tokens)
+    if cfg.task == "causal_lm" and cfg.train.sample_tokens and start_step < max_steps:
+        text = sample_text(strategy, task.tokenizer, cfg, cfg.train.sample_prompt, cfg.train.sample_tokens)
         tracker.log("sample:\n" + text.strip("\n"))
 
-    entropy = float(data.manifest["stats"]["val_unigram_entropy_nats"])
     if info.is_main:
         tracker.log(f"run dir:     {run_dir}")
         tracker.log(f"checkpoint:  {last_ckpt}")
         tracker.log(f"metrics:     {run_dir / 'metrics.jsonl'}  eval: {run_dir / 'eval.jsonl'}")
-        if val_loss is not None:
-            tracker.log(f"val loss {val_loss:.4f} nats vs unigram entropy {entropy:.4f} nats "
-                        f"(gap {entropy - val_loss:.3f} nats)")
+        for line in task.summary(val_loss):
+            tracker.log(line)
     tracker.close()
     dist.barrier()
-    return TrainResult(run_dir, max_steps, val_loss, entropy, last_ckpt)
+    return TrainResult(run_dir, max_steps, val_loss, last_ckpt)
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -23,6 +23,7 @@ from bigtrain.config import ConfigError, RunConfig, load_config
 from bigtrain.data.sources import DataError
 
 from bigtrain.exit_codes import BAD_INPUT as EXIT_BAD_INPUT
+from launcher.resources import check_data_path
 
 
 def _fail(message: str) -> int:
@@ -51,7 +52,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(shlex.join(cmd))
         return 0
-    if cfg.data.path is not None or cfg.data.sources:  # fail on bad data here, before any rank starts
+    text = cfg.task != "image_classification"  # image sets are written by the job itself (needs torch)
+    if not text:
+        check_data_path(cfg)
+    if text and (cfg.data.path is not None or cfg.data.sources):  # fail on bad data here, before any rank starts
         from bigtrain.data.prepare import prepare_sources
 
         prepare_sources(cfg.data)

@@ -83,6 +83,9 @@ def check_data_path(cfg: RunConfig, base: Optional[Path] = None) -> None:
                 raise ConfigError(f"data.path: no files match {item}")
         elif not path.exists():
             raise ConfigError(f"data.path: {item} does not exist")
+        elif cfg.task == "image_classification" and not (path / "train").is_dir():
+            raise ConfigError(f"data.path: {item} has no train/ image set (expected train/ and val/ "
+                              f"directories; or set data.download)")
 
 
 def make_plan(cfg: RunConfig, nodes: Optional[int] = None, procs_per_node: Optional[int] = None,

@@ -81,13 +81,16 @@ def write_digits(out_dir: str | Path, split: str = "train") -> Path:
 
 
 def write_synthetic(out_dir: str | Path, n: int, resolution: int, channels: int = 3, num_classes: int = 10,
-                    seed: int = 0, chunk: int = 1024) -> Path:
+                    seed: int = 0, chunk: int = 1024, class_seed: Optional[int] = None) -> Path:
     """``n`` images of ``resolution`` x ``resolution``: each class has its own colour and stripe
-    frequency/orientation, plus noise and a random shift. Written ``chunk`` images at a time."""
+    frequency/orientation, plus noise and a random shift. Written ``chunk`` images at a time.
+    ``class_seed`` (default: ``seed``) draws the classes: sets written with the same class seed and
+    different seeds are train/val splits of one task."""
     rng = np.random.default_rng(seed)
-    colours = rng.uniform(0.2, 0.8, size=(num_classes, channels))
-    freqs = rng.uniform(1.0, 4.0, size=num_classes)
-    angles = rng.uniform(0, np.pi, size=num_classes)
+    classes = rng if class_seed is None else np.random.default_rng(class_seed)
+    colours = classes.uniform(0.2, 0.8, size=(num_classes, channels))
+    freqs = classes.uniform(1.0, 4.0, size=num_classes)
+    angles = classes.uniform(0, np.pi, size=num_classes)
     yy, xx = np.meshgrid(np.linspace(0, 1, resolution), np.linspace(0, 1, resolution), indexing="ij")
     out = Path(out_dir)
     tmp = _tmp_for(out)
@@ -106,6 +109,31 @@ def write_synthetic(out_dir: str | Path, n: int, resolution: int, channels: int 
     del images
     np.save(tmp / "labels.npy", labels)
     return _finish(tmp, out, num_classes, f"synthetic (n={n}, {resolution}x{resolution}, seed={seed})")
+
+
+SYNTHETIC = {"train": 4096, "val": 512}  # data.download: synthetic-images (32x32 RGB, 10 classes)
+
+
+def image_splits(root: str | Path, download: Optional[str] = None, log=print) -> dict[str, Path]:
+    """The ``train`` (and ``val``, if present) image sets under ``root``, written first by
+    ``download`` (``digits`` or ``synthetic-images``) when ``root`` has no train set yet."""
+    root = Path(root)
+    if download and not (root / "train" / MANIFEST).is_file():
+        log(f"data: writing {download} image sets into {root}")
+        for k, split in enumerate(("train", "val")):
+            if download == "digits":
+                write_digits(root / split, split)
+            else:
+                write_synthetic(root / split, SYNTHETIC[split], 32, seed=k, class_seed=0)
+    if not (root / "train").is_dir():
+        raise DataError(f"data.path: {root} has no train/ image set (expected train/ and val/ directories of "
+                        f"images.npy, labels.npy, manifest.json; or set data.download)")
+    splits = {"train": root / "train"}
+    if (root / "val").is_dir():
+        splits["val"] = root / "val"
+    for path in splits.values():
+        open_images(path)
+    return splits
 
 
 def open_images(root: str | Path, verify: str = "size") -> dict[str, Any]:

@@ -54,6 +54,10 @@ class PositionalStream(IterableDataset):
         """The batch for these global positions."""
         raise NotImplementedError
 
+    def epoch_of(self, position: int) -> float:
+        """Epochs consumed by ``position`` samples (subclasses define ``num_samples``)."""
+        return position / self.num_samples
+
     # -- positions ----------------------------------------------------------------------------
     def positions(self, index: int) -> np.ndarray:
         """Global positions of this rank's ``index``-th micro-batch (counted from ``start``)."""

@@ -1,5 +1,41 @@
-"""Model registry: build a model from the config, and describe it to the rest of the runtime."""
+"""Model builders (one module per family) and what the runtime needs to know about any model."""
 
-from bigtrain.models.gpt import build_causal_lm, flops_per_token, transformer_blocks
+from __future__ import annotations
 
-__all__ = ["build_causal_lm", "flops_per_token", "transformer_blocks"]
+import torch
+from torch import nn
+
+from bigtrain.models.bert import build_masked_lm
+from bigtrain.models.gpt import build_causal_lm, flops_per_token
+from bigtrain.models.resnet import build_resnet
+
+__all__ = ["build_causal_lm", "build_masked_lm", "build_resnet", "flops_per_token", "forward_flops",
+           "repeated_blocks"]
+
+# Where each family keeps its repeated blocks, below the base model.
+_BLOCK_PATHS = ("h", "layers", "encoder.layer", "encoder.stages")
+
+
+def repeated_blocks(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks: transformer layers, ResNet stages (the unit of FSDP sharding)."""
+    base = getattr(model, getattr(model, "base_model_prefix", ""), model)
+    for path in _BLOCK_PATHS:
+        blocks = base
+        for attr in path.split("."):
+            blocks = getattr(blocks, attr, None)
+        if isinstance(blocks, nn.ModuleList):
+            return list(blocks)
+    raise ValueError(f"cannot find the repeated blocks of {type(model).__name__}")
+
+
+def forward_flops(model: nn.Module, **inputs: torch.Tensor) -> float:
+    """FLOPs of one forward pass on ``inputs``, counted by torch's FlopCounterMode."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), counter:
+        model(**inputs)
+    model.train(was_training)
+    return float(counter.get_total_flops())

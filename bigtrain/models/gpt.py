@@ -9,8 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, LlamaConfig, PreTrainedModel
+from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, PreTrainedModel
 
 from bigtrain.config import ModelSection
 
@@ -34,25 +33,19 @@ def hf_config(cfg: ModelSection, vocab_size: int, seq_len: int):
     )
 
 
+def load_pretrained(auto_class, directory: str):
+    """``auto_class.from_pretrained`` on a local Hugging Face directory, in fp32 (no Hub access)."""
+    path = Path(directory)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"model.pretrained: '{path}' is not a Hugging Face model directory (no config.json)")
+    return auto_class.from_pretrained(path, local_files_only=True, dtype=torch.float32)
+
+
 def build_causal_lm(cfg: ModelSection, vocab_size: int, seq_len: int) -> PreTrainedModel:
     """A freshly initialised model (seed the RNG first), or ``cfg.pretrained`` loaded from a local dir."""
     if cfg.pretrained:
-        path = Path(cfg.pretrained)
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"model.pretrained: '{path}' is not a Hugging Face model directory (no config.json)")
-        return AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32)
-    model = AutoModelForCausalLM.from_config(hf_config(cfg, vocab_size, seq_len), dtype=torch.float32)
-    return model
-
-
-def transformer_blocks(model: nn.Module) -> list[nn.Module]:
-    """The repeated blocks (unit of FSDP sharding and activation checkpointing)."""
-    base = getattr(model, model.base_model_prefix, model)
-    for attr in ("h", "layers"):
-        blocks = getattr(base, attr, None)
-        if isinstance(blocks, nn.ModuleList):
-            return list(blocks)
-    raise ValueError(f"cannot find transformer blocks in {type(model).__name__}")
+        return load_pretrained(AutoModelForCausalLM, cfg.pretrained)
+    return AutoModelForCausalLM.from_config(hf_config(cfg, vocab_size, seq_len), dtype=torch.float32)
 
 
 def flops_per_token(model: PreTrainedModel, seq_len: int) -> float:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -20,10 +20,26 @@ from bigtrain.config import RunConfig
 from bigtrain.dist import DistInfo
 
 
-def causal_lm_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy (computed in fp32)."""
-    logits = model(input_ids=x).logits
-    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1))
+def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean next-token cross-entropy (computed in fp32): the default objective."""
+    logits = model(input_ids=batch["input_ids"]).logits
+    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), batch["labels"].reshape(-1))
+
+
+# Batch entries that describe the samples (for logging and audits), not model inputs.
+BOOKKEEPING = ("sample", "position", "source")
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device,
+              float_dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The model inputs and targets of ``batch`` on ``device``; floating-point ones (images) cast
+    to ``float_dtype`` for engines whose parameters are in that dtype (DeepSpeed bf16/fp16)."""
+    out = {}
+    for k, v in batch.items():
+        if k not in BOOKKEEPING:
+            dtype = float_dtype if float_dtype is not None and v.is_floating_point() else None
+            out[k] = v.to(device, dtype=dtype, non_blocking=True)
+    return out
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
@@ -35,6 +51,8 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
 
 def enable_activation_checkpointing(model: nn.Module) -> None:
     """Recompute each transformer block's activations in backward (non-reentrant)."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ValueError(f"strategy.activation_checkpointing: {type(model).__name__} does not support it")
     model.config.use_cache = False
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
@@ -47,6 +65,9 @@ class Strategy(ABC):
         self.info = info
         self.device = info.device
         self.model: nn.Module | None = None  # what forward runs on (possibly wrapped)
+        # (model, batch on device) -> scalar loss; the task sets it (bigtrain/tasks)
+        self.objective: Callable[[nn.Module, dict], torch.Tensor] = causal_lm_loss
+        self.input_dtype: torch.dtype | None = None  # see to_device
 
     # -- setup ---------------------------------------------------------------------------
     @abstractmethod
@@ -55,19 +76,25 @@ class Strategy(ABC):
 
     # -- one optimizer step ---------------------------------------------------------------
     @abstractmethod
-    def forward_backward(self, x: torch.Tensor, y: torch.Tensor, scale: float, last_micro: bool) -> torch.Tensor:
-        """Loss of one micro-batch (detached, unscaled); grads of ``loss * scale`` accumulated."""
+    def forward_backward(self, batch: dict[str, torch.Tensor], scale: float, last_micro: bool) -> torch.Tensor:
+        """``self.objective`` on one micro-batch: the loss (detached, unscaled); grads of
+        ``loss * scale`` accumulated."""
 
     @abstractmethod
     def step(self, lr: float) -> torch.Tensor:
         """Clip (``train.grad_clip``), step with learning rate ``lr``, zero grads. Returns the
         pre-clip global gradient norm as a tensor (no host sync)."""
 
-    @torch.no_grad()
-    def eval_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def precision_context(self) -> contextlib.AbstractContextManager:
+        """Where forward passes run: autocast for engines that do not cast parameters themselves."""
+        return autocast(self.device, self.cfg.precision)
+
+    def evaluate(self, batch: dict[str, torch.Tensor], stats: Callable[[nn.Module, dict], torch.Tensor]) -> torch.Tensor:
+        """``stats(model, batch on device)`` without gradients (every rank calls: sharded engines
+        run collective forwards)."""
         assert self.model is not None
-        with autocast(self.device, self.cfg.precision):
-            return causal_lm_loss(self.model, x.to(self.device), y.to(self.device))
+        with torch.no_grad(), self.precision_context():
+            return stats(self.model, to_device(batch, self.device, self.input_dtype))
 
     def train_mode(self, training: bool) -> None:
         assert self.model is not None

@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from bigtrain.checkpoint import done_future
-from bigtrain.strategies.base import autocast, causal_lm_loss
+from bigtrain.strategies.base import to_device
 from bigtrain.strategies.single import SingleStrategy
 
 
@@ -31,13 +31,12 @@ class DDPStrategy(SingleStrategy):
         )
         self.model = torch.compile(self.ddp) if self.cfg.train.compile else self.ddp
 
-    def forward_backward(self, x, y, scale, last_micro):
+    def forward_backward(self, batch, scale, last_micro):
         # Gradients are all-reduced (averaged over ranks) only on the last micro-batch.
         sync = contextlib.nullcontext() if last_micro else self.ddp.no_sync()
         with sync:
-            with autocast(self.device, self.cfg.precision):
-                loss = causal_lm_loss(self.model, x.to(self.device, non_blocking=True),
-                                      y.to(self.device, non_blocking=True))
+            with self.precision_context():
+                loss = self.objective(self.model, to_device(batch, self.device))
             self.scaler.scale(loss * scale).backward()
         return loss.detach()
 

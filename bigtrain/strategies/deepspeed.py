@@ -9,6 +9,7 @@ on a different world size converts them to a universal checkpoint first (``ds_to
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -22,7 +23,7 @@ from bigtrain.checkpoint import derived_dir, fault_point
 from bigtrain.config import RunConfig, deep_merge
 from bigtrain.optim import adamw_kwargs, param_groups
 from bigtrain.strategies import memory
-from bigtrain.strategies.base import Strategy, causal_lm_loss, enable_activation_checkpointing
+from bigtrain.strategies.base import Strategy, enable_activation_checkpointing, to_device
 from bigtrain.strategies.single import load_full_state
 
 DS_DIR = "deepspeed"
@@ -81,6 +82,11 @@ class DeepSpeedStrategy(Strategy):
             raise ValueError("precision: fp16 needs a CUDA device; use bf16 or fp32 on CPU")
         if self.cfg.strategy.activation_checkpointing:
             enable_activation_checkpointing(model)
+        low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.cfg.precision)
+        if low is not None:  # DeepSpeed casts parameters, not buffers: BatchNorm statistics must follow
+            for module in model.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.to(low)
         n_params = sum(p.numel() for p in model.parameters())
         self.ds_config = deepspeed_config(self.cfg, self.info.world_size, n_params)
         groups = param_groups(model, self.cfg.optim.weight_decay)
@@ -94,11 +100,15 @@ class DeepSpeedStrategy(Strategy):
             model=model, optimizer=optimizer, model_parameters=groups if optimizer is None else None,
             config=self.ds_config, dist_init_required=False)
         self.model = self.engine
+        self.input_dtype = low
 
-    def forward_backward(self, x, y, scale, last_micro):
+    def precision_context(self):
+        return contextlib.nullcontext()  # the engine holds bf16/fp16 parameters itself
+
+    def forward_backward(self, batch, scale, last_micro):
         # DeepSpeed divides by its gradient_accumulation_steps itself (== 1/scale) and steps only
         # at the accumulation boundary, so the engine is called on every micro-batch.
-        loss = causal_lm_loss(self.engine, x.to(self.device), y.to(self.device))
+        loss = self.objective(self.engine, to_device(batch, self.device, self.input_dtype))
         self.engine.backward(loss)
         if not last_micro:
             self.engine.step()
@@ -110,10 +120,6 @@ class DeepSpeedStrategy(Strategy):
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
         return torch.as_tensor(norm if norm is not None else float("nan"), dtype=torch.float32)
-
-    def eval_loss(self, x, y):
-        with torch.no_grad():
-            return causal_lm_loss(self.engine, x.to(self.device), y.to(self.device))
 
     # -- checkpoints: DeepSpeed native -----------------------------------------------------
     def save(self, directory: Path) -> None:

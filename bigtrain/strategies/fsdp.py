@@ -9,6 +9,8 @@ torch.distributed.checkpoint, which reshards on load when the world size changed
 
 from __future__ import annotations
 
+import contextlib
+
 from concurrent.futures import Future
 from pathlib import Path
 
@@ -25,10 +27,10 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
 from bigtrain.checkpoint import fault_point
-from bigtrain.models import transformer_blocks
+from bigtrain.models import repeated_blocks
 from bigtrain.optim import adamw_kwargs, param_groups
 from bigtrain.strategies import memory
-from bigtrain.strategies.base import Strategy, causal_lm_loss, enable_activation_checkpointing
+from bigtrain.strategies.base import Strategy, enable_activation_checkpointing, to_device
 
 DCP_DIR = "dcp"
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -64,7 +66,15 @@ class FSDPStrategy(Strategy):
                                                        reduce_dtype=torch.float32)
         if fcfg.cpu_offload:
             kwargs["offload_policy"] = CPUOffloadPolicy()
-        for block in transformer_blocks(model):
+        if "mp_policy" in kwargs:
+            # BatchNorm in fp32: bf16 parameters next to its fp32 running statistics fail, and
+            # low-precision statistics drift. Own units, fp32 parameters, output back in bf16.
+            norm_kwargs = {**kwargs, "mp_policy": MixedPrecisionPolicy(
+                param_dtype=torch.float32, reduce_dtype=torch.float32, output_dtype=_DTYPES[self.cfg.precision])}
+            for module in model.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    fully_shard(module, **norm_kwargs)
+        for block in repeated_blocks(model):
             fully_shard(block, **kwargs)
         fully_shard(model, **kwargs)
         self.model = self.raw_model = model
@@ -79,9 +89,12 @@ class FSDPStrategy(Strategy):
 
             self.scaler = ShardedGradScaler()
 
-    def forward_backward(self, x, y, scale, last_micro):
+    def precision_context(self):
+        return contextlib.nullcontext()  # MixedPrecisionPolicy casts the parameters
+
+    def forward_backward(self, batch, scale, last_micro):
         self.model.set_requires_gradient_sync(last_micro)  # reduce-scatter only on the last micro-batch
-        loss = causal_lm_loss(self.model, x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
+        loss = self.objective(self.model, to_device(batch, self.device))
         scaled = loss * scale
         (self.scaler.scale(scaled) if self.scaler else scaled).backward()
         return loss.detach()
@@ -102,10 +115,6 @@ class FSDPStrategy(Strategy):
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return grad_norm
-
-    def eval_loss(self, x, y):
-        with torch.no_grad():
-            return causal_lm_loss(self.model, x.to(self.device), y.to(self.device))
 
     # -- checkpoints: sharded, through DCP ---------------------------------------------------
     def _state(self) -> dict:
@@ -140,7 +149,7 @@ class FSDPStrategy(Strategy):
         # While a block runs, its parameters are all-gathered (unsharded) in the compute dtype.
         compute_bytes = 2 if self.cfg.precision in _DTYPES else 4
         report["fsdp_unsharded_block_bytes"] = max(
-            (sum(p.numel() for p in block.parameters()) * compute_bytes for block in transformer_blocks(self.model)),
+            (sum(p.numel() for p in block.parameters()) * compute_bytes for block in repeated_blocks(self.model)),
             default=0)
         return report
 

@@ -12,7 +12,7 @@ from torch import nn
 from bigtrain.checkpoint import fault_point
 from bigtrain.optim import build_adamw
 from bigtrain.strategies import memory
-from bigtrain.strategies.base import Strategy, autocast, causal_lm_loss, enable_activation_checkpointing
+from bigtrain.strategies.base import Strategy, enable_activation_checkpointing, to_device
 
 
 class SingleStrategy(Strategy):
@@ -29,9 +29,9 @@ class SingleStrategy(Strategy):
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.cfg.precision == "fp16")
         self.model = torch.compile(self.raw_model) if self.cfg.train.compile else self.raw_model
 
-    def forward_backward(self, x, y, scale, last_micro):
-        with autocast(self.device, self.cfg.precision):
-            loss = causal_lm_loss(self.model, x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
+    def forward_backward(self, batch, scale, last_micro):
+        with self.precision_context():
+            loss = self.objective(self.model, to_device(batch, self.device))
         self.scaler.scale(loss * scale).backward()
         return loss.detach()
 

@@ -15,7 +15,7 @@ class Console:
         if self.progress_bar:
             self._progress = Progress(
                 TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[tps]} tok/s"),
+                TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[tps]}"),
                 TimeRemainingColumn(), transient=False,
             )
             self._progress.start()
@@ -28,13 +28,14 @@ class Console:
             print(text, flush=True)
 
     def metrics(self, record: dict[str, Any]) -> None:
+        rate = (f"{record['tokens_per_s']:,.0f} tok/s" if "tokens_per_s" in record
+                else f"{record['samples_per_s']:,.1f} samples/s")
         if self._progress is not None:
-            self._progress.update(self._task, completed=record["step"], loss=f"{record['loss']:.4f}",
-                                  tps=f"{record['tokens_per_s']:,.0f}")
+            self._progress.update(self._task, completed=record["step"], loss=f"{record['loss']:.4f}", tps=rate)
         else:
             self.print(
                 f"step {record['step']:>6} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
-                f"grad_norm {record['grad_norm']:.3f} | {record['tokens_per_s']:,.0f} tok/s | "
+                f"grad_norm {record['grad_norm']:.3f} | {rate} | "
                 f"mfu {record.get('mfu', 0) * 100:.1f}% | {record['elapsed_s']:.1f}s"
             )
 

@@ -44,8 +44,9 @@ class Tracker:
         if not self.is_main:
             return
         self.evals.write(record)
-        self.console.print(f"eval step {record['step']} | val_loss {record['val_loss']:.4f} | "
-                           f"val_ppl {record['val_ppl']:.2f}")
+        shown = " | ".join(f"{k} {v:.4f}" if k != "val_ppl" else f"{k} {v:.2f}" for k, v in record.items()
+                           if k in ("val_loss", "val_ppl", "val_accuracy"))
+        self.console.print(f"eval step {record['step']} | {shown}")
         if self.wandb:
             self.wandb.log({f"eval/{k}": v for k, v in record.items() if k != "step"}, record["step"])
 

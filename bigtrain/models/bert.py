@@ -1,0 +1,26 @@
+"""BERT-style encoders (masked-LM pretraining) built from Hugging Face ``transformers`` classes."""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoModelForMaskedLM, BertConfig, PreTrainedModel
+
+from bigtrain.config import ModelSection
+from bigtrain.models.gpt import load_pretrained
+
+
+def bert_config(cfg: ModelSection, vocab_size: int, seq_len: int, pad_id: int) -> BertConfig:
+    return BertConfig(
+        vocab_size=cfg.vocab_size or vocab_size, hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layer,
+        num_attention_heads=cfg.n_head, intermediate_size=cfg.d_ff or 4 * cfg.d_model,
+        max_position_embeddings=cfg.max_seq_len or seq_len, hidden_dropout_prob=cfg.dropout,
+        attention_probs_dropout_prob=cfg.dropout, type_vocab_size=1, pad_token_id=pad_id,
+        tie_word_embeddings=cfg.tie_embeddings,
+    )
+
+
+def build_masked_lm(cfg: ModelSection, vocab_size: int, seq_len: int, pad_id: int) -> PreTrainedModel:
+    """A freshly initialised ``BertForMaskedLM`` (seed the RNG first), or ``cfg.pretrained``."""
+    if cfg.pretrained:
+        return load_pretrained(AutoModelForMaskedLM, cfg.pretrained)
+    return AutoModelForMaskedLM.from_config(bert_config(cfg, vocab_size, seq_len, pad_id), dtype=torch.float32)

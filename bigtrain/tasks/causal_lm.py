@@ -1,0 +1,81 @@
+"""``task: causal_lm``: GPT-style next-token prediction on packed text (one source or a mixture)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from bigtrain.data.prepare import prepare_sources
+from bigtrain.data.shards import PreparedData, open_prepared
+from bigtrain.data.stream import CausalLMStream, eval_batches
+from bigtrain.data.tokenizer import Tokenizer
+from bigtrain.models import build_causal_lm, flops_per_token
+from bigtrain.strategies.base import causal_lm_loss
+from bigtrain.tasks.base import Task
+
+
+class CausalLMTask(Task):
+    name = "causal_lm"
+    auto_class = "AutoModelForCausalLM"
+
+    def prepare(self) -> None:
+        roots = self.on_main(lambda: [str(d.root) for d in prepare_sources(self.cfg.data, log=self.log)])
+        self.sources: list[PreparedData] = [open_prepared(root, verify="size") for root in roots]
+        self.tokenizer = Tokenizer.load(self.sources[0].tokenizer_path)
+        self.tokens_per_sample = self.cfg.train.seq_len
+
+    def stream_kwargs(self) -> dict:
+        cfg, info = self.cfg, self.info
+        return dict(sources=self.sources, seq_len=cfg.train.seq_len, global_batch=cfg.train.global_batch_size,
+                    micro_batch=cfg.train.micro_batch_size, rank=info.rank, world_size=info.world_size,
+                    seed=cfg.seed, weights=cfg.data.weights, shuffle=cfg.data.shuffle,
+                    shuffle_buffer=cfg.data.shuffle_buffer)
+
+    def train_stream(self) -> CausalLMStream:
+        return CausalLMStream(**self.stream_kwargs())
+
+    def eval_sets(self):
+        t = self.cfg.train
+        return [({"input_ids": x, "labels": y} for x, y in eval_batches(
+                    data, t.seq_len, t.micro_batch_size, t.eval_batches, self.info.rank, self.info.world_size))
+                for data in self.sources]
+
+    def build_model(self) -> nn.Module:
+        return build_causal_lm(self.cfg.model, self.sources[0].vocab_size, self.cfg.train.seq_len)
+
+    objective = staticmethod(causal_lm_loss)
+
+    @staticmethod
+    def eval_stats(model, batch):
+        return torch.stack([causal_lm_loss(model, batch).float(), torch.ones((), device=batch["labels"].device)])
+
+    def eval_metrics(self, sums):
+        return lm_metrics([float(s[0] / s[1]) for s in sums], self.cfg.data.weights)
+
+    def flops_per_sample(self, model):
+        return flops_per_token(model, self.cfg.train.seq_len) * self.cfg.train.seq_len
+
+    @property
+    def unigram_entropy(self) -> float:
+        return float(self.sources[0].manifest["stats"]["val_unigram_entropy_nats"])
+
+    def summary(self, val_loss: Optional[float]) -> list[str]:
+        if val_loss is None:
+            return []
+        entropy = self.unigram_entropy
+        return [f"val loss {val_loss:.4f} nats vs unigram entropy {entropy:.4f} nats "
+                f"(gap {entropy - val_loss:.3f} nats)"]
+
+
+def lm_metrics(losses: list[float], weights: list[float]) -> dict[str, float]:
+    """``val_loss`` (the sources' losses weighted like the mixture), ``val_ppl``, and per source
+    ``val_loss_<k>`` when there are several."""
+    import math
+
+    val = sum(w * v for w, v in zip(weights, losses)) / sum(weights)
+    out = {"val_loss": val, "val_ppl": math.exp(min(val, 50))}
+    if len(losses) > 1:
+        out.update({f"val_loss_{k}": v for k, v in enumerate(losses)})
+    return out

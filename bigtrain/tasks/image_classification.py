@@ -1,0 +1,74 @@
+"""``task: image_classification``: CNN baselines (ResNet) on labelled image sets.
+
+``data.path`` holds ``train/`` and ``val/`` image sets (``bigtrain/data/images.py``: uint8 arrays +
+manifest), written by ``data.download: digits|synthetic-images`` when missing. Training images
+are augmented (random crop with reflect padding, flip; ``data.augment``) from (seed, position);
+both splits are normalized with the train set's per-channel statistics.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bigtrain.data.images import ImageStream, image_splits, open_images
+from bigtrain.models import build_resnet, forward_flops
+from bigtrain.tasks.base import Task
+from bigtrain.tasks.masked_lm import first_batches
+
+
+def _logits_and_labels(model: nn.Module, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    return model(pixel_values=batch["images"]).logits.float(), batch["labels"]
+
+
+class ImageClassificationTask(Task):
+    name = "image_classification"
+    auto_class = "AutoModelForImageClassification"
+
+    def prepare(self) -> None:
+        data = self.cfg.data
+        splits = self.on_main(lambda: {k: str(v) for k, v in image_splits(data.path, data.download, self.log).items()})
+        self.train_root, self.val_root = splits["train"], splits.get("val")
+        self.manifest = open_images(self.train_root)
+
+    def _stream(self, root: str, global_batch: int, train: bool) -> ImageStream:
+        cfg, info = self.cfg, self.info
+        return ImageStream(root, global_batch, cfg.train.micro_batch_size, info.rank, info.world_size, cfg.seed,
+                           augment=train and cfg.data.augment, shuffle=train and cfg.data.shuffle,
+                           shuffle_buffer=cfg.data.shuffle_buffer, normalize_with=self.train_root)
+
+    def train_stream(self) -> ImageStream:
+        return self._stream(self.train_root, self.cfg.train.global_batch_size, train=True)
+
+    def eval_sets(self):
+        if self.val_root is None:
+            return []
+        stream = self._stream(self.val_root, self.cfg.train.micro_batch_size * self.info.world_size, train=False)
+        # the whole val set (up to train.eval_batches global batches); the last partial batch is dropped
+        count = min(self.cfg.train.eval_batches, max(1, stream.num_samples // stream.global_batch))
+        return [first_batches(stream, count)]
+
+    def build_model(self) -> nn.Module:
+        _, channels, _, _ = self.manifest["shape"]
+        return build_resnet(self.cfg.model, channels, self.manifest["num_classes"])
+
+    @staticmethod
+    def objective(model, batch):
+        logits, labels = _logits_and_labels(model, batch)
+        return F.cross_entropy(logits, labels)
+
+    @staticmethod
+    def eval_stats(model, batch):
+        logits, labels = _logits_and_labels(model, batch)
+        loss = F.cross_entropy(logits, labels, reduction="sum")
+        correct = (logits.argmax(-1) == labels).sum().to(loss.dtype)
+        return torch.stack([loss, torch.tensor(float(len(labels)), device=loss.device), correct])
+
+    def eval_metrics(self, sums):
+        total = sums[0]
+        return {"val_loss": float(total[0] / total[1]), "val_accuracy": float(total[2] / total[1])}
+
+    def flops_per_sample(self, model):
+        _, c, h, w = self.manifest["shape"]
+        return 3 * forward_flops(model, pixel_values=torch.zeros((1, c, h, w), device=next(model.parameters()).device))

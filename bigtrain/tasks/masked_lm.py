@@ -1,0 +1,80 @@
+"""``task: masked_lm``: BERT pretraining on the same prepared text as causal LMs.
+
+Samples are packed token windows masked on the fly (``data.mask_prob``, ``data.whole_word_mask``;
+see ``bigtrain/data/mlm.py``); the loss is the cross-entropy over the masked positions.
+Validation masks the held-out split the same way, from its own positions, so every evaluation
+of a run scores the same masked tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+
+from bigtrain.data.mlm import IGNORE, MaskedLMStream
+from bigtrain.models import build_masked_lm
+from bigtrain.tasks.causal_lm import CausalLMTask, lm_metrics
+
+
+def _masked_token_losses(model: nn.Module, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    labels = batch["labels"].reshape(-1)
+    total = F.cross_entropy(logits.float().view(-1, logits.size(-1)), labels, ignore_index=IGNORE, reduction="sum")
+    return total, (labels != IGNORE).sum()
+
+
+def first_batches(stream, count: int):
+    """This rank's first ``count`` micro-batches of ``stream``."""
+    for index in range(count):
+        yield stream.micro_batch_at(index)
+
+
+class MaskedLMTask(CausalLMTask):
+    name = "masked_lm"
+    auto_class = "AutoModelForMaskedLM"
+
+    def stream_kwargs(self) -> dict:
+        return {**super().stream_kwargs(), "mask_prob": self.cfg.data.mask_prob,
+                "whole_word": self.cfg.data.whole_word_mask}
+
+    def train_stream(self) -> MaskedLMStream:
+        return MaskedLMStream(**self.stream_kwargs())
+
+    def eval_sets(self):
+        t, world = self.cfg.train, self.info.world_size
+        sets = []
+        for k, data in enumerate(self.sources):
+            stream = MaskedLMStream(**{**self.stream_kwargs(), "sources": [data], "weights": None, "split": "val",
+                                       "shuffle": False, "global_batch": t.micro_batch_size * world})
+            batches = min(t.eval_batches, max(1, stream.num_samples // stream.global_batch))
+            sets.append(first_batches(stream, batches))
+        return sets
+
+    def build_model(self) -> PreTrainedModel:
+        return build_masked_lm(self.cfg.model, self.sources[0].vocab_size, self.cfg.train.seq_len,
+                               self.tokenizer.pad_id)
+
+    @staticmethod
+    def objective(model, batch):
+        total, count = _masked_token_losses(model, batch)
+        return total / count.clamp(min=1)
+
+    @staticmethod
+    def eval_stats(model, batch):
+        total, count = _masked_token_losses(model, batch)
+        return torch.stack([total, count.to(total.dtype)])
+
+    def eval_metrics(self, sums):
+        return lm_metrics([float(s[0] / s[1].clamp(min=1)) for s in sums], self.cfg.data.weights)
+
+    def flops_per_sample(self, model):
+        # Forward FLOPs of one sample counted by torch, times 3 (backward is about twice forward).
+        from bigtrain.models import forward_flops
+
+        ids = torch.zeros((1, self.cfg.train.seq_len), dtype=torch.long, device=next(model.parameters()).device)
+        return 3 * forward_flops(model, input_ids=ids)
+
+    def summary(self, val_loss):
+        return [] if val_loss is None else [f"val masked-token loss {val_loss:.4f} nats"]

@@ -1,0 +1,135 @@
+"""Tasks other than causal LM through the real CLI: BERT masked-LM pretraining and ResNet image
+classification, on one process and on 2 ranks (gloo), with resume and Hugging Face export."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from conftest import ROOT, read_jsonl, run_cli, train_args
+from test_checkpoint import losses, ok
+
+BERT = ["task=masked_lm", "model.name=bert", "train.sample_tokens=0"]
+
+
+def images(tmp_path, *extra):
+    """``train`` arguments for a tiny ResNet on synthetic 32x32 images (written on first use)."""
+    return ["train", str(ROOT / "configs" / "resnet-tiny.yaml"), f"run.dir={tmp_path / 'run'}",
+            f"data.path={tmp_path.parent / 'images'}", "precision=fp32", "model.widths=[8,16]", "model.depths=[1,1]",
+            "train.global_batch_size=32", "train.micro_batch_size=16", "train.log_every=1", *extra]
+
+
+@pytest.fixture(scope="module")
+def image_dir(tmp_path_factory):
+    """Runs of this module live in subdirectories; they share one synthetic image set, ``images/``."""
+    return tmp_path_factory.mktemp("imgs")
+
+
+def test_bert_masked_lm_trains_resumes_exactly_and_exports(tmp_path, cache_dir, tiny_text):
+    import torch
+    from transformers import AutoModelForMaskedLM
+
+    run_dir = tmp_path / "run"
+    argv = train_args(run_dir, cache_dir, tiny_text, *BERT, "train.max_steps=30", "checkpoint.every_steps=10",
+                      "checkpoint.keep_last=5")
+    first = ok(run_cli(*argv))
+    assert "masked_lm" in first.stdout and "val masked-token loss" in first.stdout
+    records = read_jsonl(run_dir / "metrics.jsonl")
+    assert {"tokens_per_s", "samples_per_s", "mfu"} <= set(records[-1])
+    start, end = sum(r["loss"] for r in records[:3]) / 3, sum(r["loss"] for r in records[-3:]) / 3
+    assert end < start - 0.5, (start, end)  # masked-token loss falls
+    evals = read_jsonl(run_dir / "eval.jsonl")
+    assert evals[-1]["val_loss"] < 6.2  # ln(512) = 6.24: better than uniform over the vocabulary
+    full = losses(run_dir)
+
+    # resume from step 10: the masks and dropout-free steps continue bit-identically
+    for name in ("step-20", "step-30"):
+        shutil.rmtree(run_dir / "checkpoints" / name)
+    resumed = ok(run_cli(*argv))
+    assert "step-10" in resumed.stdout
+    assert losses(run_dir) == full
+
+    out = tmp_path / "hf"
+    exported = ok(run_cli("export", str(run_dir), "--to", "hf", str(out)))
+    assert "AutoModelForMaskedLM" in exported.stdout
+    model = AutoModelForMaskedLM.from_pretrained(out).eval()
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    with torch.no_grad():
+        assert model(input_ids=ids).logits.shape == (1, 6, model.config.vocab_size)
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", [["strategy.name=fsdp"], ["strategy.name=deepspeed", "strategy.deepspeed.stage=3"]])
+def test_bert_on_two_ranks_matches_one_process(tmp_path, cache_dir, tiny_text, engine):
+    ref, dist = tmp_path / "one", tmp_path / "two"
+    ok(run_cli(*train_args(ref, cache_dir, tiny_text, *BERT, "train.max_steps=6", "checkpoint.save_final=false")))
+    ok(run_cli(*train_args(dist, cache_dir, tiny_text, *BERT, "train.max_steps=6", "checkpoint.save_final=false",
+                           "--nproc", "2", *engine)))
+    a, b = losses(ref), losses(dist)
+    assert a.keys() == b.keys()
+    for step in a:
+        assert b[step] == pytest.approx(a[step], abs=1e-4), (step, a[step], b[step])
+
+
+def test_resnet_learns_synthetic_images_and_exports(tmp_path, image_dir):
+    import torch
+    from transformers import AutoModelForImageClassification
+
+    proc = ok(run_cli(*images(image_dir / "a", "train.max_steps=40", "train.eval_every=40")))
+    assert "writing synthetic-images image sets" in proc.stdout
+    for split, n in (("train", 4096), ("val", 512)):
+        assert (image_dir / "images" / split / "manifest.json").is_file(), split
+    run_dir = image_dir / "a" / "run"
+    records = read_jsonl(run_dir / "metrics.jsonl")
+    assert "samples_per_s" in records[-1] and "tokens_per_s" not in records[-1]
+    evals = read_jsonl(run_dir / "eval.jsonl")
+    assert evals[-1]["val_accuracy"] > 0.5, evals  # 10 classes: chance is 0.1
+
+    out = tmp_path / "hf"
+    exported = ok(run_cli("export", str(run_dir), "--to", "hf", str(out)))
+    assert "AutoModelForImageClassification" in exported.stdout
+    model = AutoModelForImageClassification.from_pretrained(out).eval()
+    assert model.config.num_labels == 10
+    with torch.no_grad():
+        assert model(pixel_values=torch.zeros(1, 3, 32, 32)).logits.shape == (1, 10)
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_resnet_engines_on_two_ranks(tmp_path, image_dir):
+    """fp32 DDP equals the single process (BatchNorm statistics are per micro-batch either way);
+    bf16 FSDP (BatchNorm kept in fp32) and bf16 ZeRO-3 (statistics cast with the parameters) train."""
+    ok(run_cli(*images(image_dir / "one", "train.max_steps=6")))
+    ok(run_cli(*images(image_dir / "ddp", "train.max_steps=6", "--nproc", "2", "strategy.name=ddp")))
+    single, ddp = losses(image_dir / "one" / "run"), losses(image_dir / "ddp" / "run")
+    for step in single:
+        assert ddp[step] == pytest.approx(single[step], abs=1e-4), (step, single[step], ddp[step])
+    for name, engine in (("fsdp", ["strategy.name=fsdp"]),
+                         ("zero3", ["strategy.name=deepspeed", "strategy.deepspeed.stage=3"])):
+        ok(run_cli(*images(image_dir / name, "train.max_steps=6", "precision=bf16", "--nproc", "2", *engine)))
+        got = losses(image_dir / name / "run")
+        for step in single:
+            assert got[step] == pytest.approx(single[step], abs=0.05), (name, step, single[step], got[step])
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model.name=bert"], "model.name: 'bert' cannot train task 'causal_lm' (expected gpt2 or llama)"),
+    (["task=image_classification", "model.name=resnet"], "data.download: 'shakespeare' is not data for task"),
+    (["task=masked_lm", "model.name=resnet"], "model.name: 'resnet' cannot train task 'masked_lm' (expected bert)"),
+])
+def test_task_and_model_must_fit(overrides, message):
+    proc = run_cli("train", str(ROOT / "configs" / "gpt-tiny.yaml"), *overrides)
+    assert proc.returncode == 2
+    assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_image_errors_before_training(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    proc = run_cli("train", str(ROOT / "configs" / "resnet-tiny.yaml"), f"data.path={empty}", "data.download=null")
+    assert proc.returncode == 2
+    assert f"data.path: {empty} has no train/ image set" in proc.stderr, proc.stderr
+    proc = run_cli("train", str(ROOT / "configs" / "resnet-tiny.yaml"), "strategy.activation_checkpointing=true")
+    assert proc.returncode == 2 and "not supported for resnet" in proc.stderr, proc.stderr
