@@ -370,6 +370,8 @@ class RunConfig(_Section):
             raise ValueError(f"data.download: '{self.data.download}' is not data for task '{self.task}'")
         if images and self.data.sources is not None:
             raise ValueError("data.sources: mixtures are for text tasks; image_classification reads data.path")
+        if images and not isinstance(self.data.path, str):
+            raise ValueError("data.path: image_classification needs one directory (holding train/ and val/)")
         if self.model.name == "resnet" and self.strategy.activation_checkpointing:
             raise ValueError("strategy.activation_checkpointing: not supported for resnet (recomputing a "
                              "block would update its BatchNorm statistics twice)")
