@@ -417,7 +417,7 @@ class CheckpointManager:
             if self.cfg.keep_every and step_of(old) % self.cfg.keep_every == 0:
                 continue
             shutil.rmtree(old, ignore_errors=True)
-            for derived in self.root.glob(f".{old.name}.*"):
+            for derived in self.root.glob(derived_dir(old, "*").name):
                 shutil.rmtree(derived, ignore_errors=True)
 
     # -- loading --------------------------------------------------------------------------

@@ -365,7 +365,7 @@ class RunConfig(_Section):
         if self.model.name not in models:
             raise ValueError(f"model.name: '{self.model.name}' cannot train task '{self.task}' "
                              f"(expected {' or '.join(models)})")
-        images = self.task == "image_classification"
+        images = not self.text_task
         if self.data.download and (self.data.download in ("digits", "synthetic-images")) != images:
             raise ValueError(f"data.download: '{self.data.download}' is not data for task '{self.task}'")
         if images and self.data.sources is not None:
@@ -376,6 +376,11 @@ class RunConfig(_Section):
             raise ValueError("strategy.activation_checkpointing: not supported for resnet (recomputing a "
                              "block would update its BatchNorm statistics twice)")
         return self
+
+    @property
+    def text_task(self) -> bool:
+        """Trains on prepared text (a tokenizer; the launcher prepares the data before the ranks start)."""
+        return self.task != "image_classification"
 
     @property
     def run_dir(self) -> Path:

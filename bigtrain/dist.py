@@ -55,6 +55,10 @@ def pick_device_and_backend(local_rank: int) -> tuple[torch.device, str]:
     return torch.device("cpu"), "gloo"
 
 
+# `precision` values that compute in a 16-bit dtype (fp32 is absent).
+LOW_PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def check_precision_supported(precision: str) -> None:
     """fp16 needs CUDA (its loss scaling and kernels); called before any process group exists."""
     if precision == "fp16" and not torch.cuda.is_available():
@@ -140,3 +144,18 @@ def broadcast_object(obj, src: int = 0):
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def run_on_main(make, is_main: bool):
+    """Collective: ``make()`` on rank 0, its (picklable) result on every rank; an exception it
+    raises is raised on every rank (none waits for a result that never comes)."""
+    result, error = None, None
+    if is_main:
+        try:
+            result = make()
+        except Exception as err:  # re-raised below, on every rank
+            error = err
+    result, error = broadcast_object((result, error))
+    if error is not None:
+        raise error
+    return result

@@ -26,6 +26,7 @@ from bigtrain.config import ConfigError, validate
 from bigtrain.data.tokenizer import Tokenizer
 from bigtrain.exit_codes import BAD_INPUT, OK
 from bigtrain.models import build_causal_lm
+from bigtrain.tasks import task_class
 from bigtrain.tasks.base import HF_CONFIG
 
 
@@ -87,16 +88,12 @@ def hf_tokenizer(tokenizer_file: Path):
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
 
 
-AUTO_CLASSES = {"causal_lm": "AutoModelForCausalLM", "masked_lm": "AutoModelForMaskedLM",
-                "image_classification": "AutoModelForImageClassification"}
-
-
 def build_empty_model(cfg, ckpt: Path, run_dir: Path, vocab_size: Optional[int]) -> torch.nn.Module:
     """The checkpoint's model, freshly initialised: from its ``hf_config.json``, or (checkpoints
     written before it existed) from the bigtrain config and the tokenizer's vocabulary."""
     import transformers
 
-    auto = getattr(transformers, AUTO_CLASSES[cfg.task])
+    auto = getattr(transformers, task_class(cfg.task).auto_class)
     config_file = next((p for p in (ckpt / HF_CONFIG, run_dir / HF_CONFIG) if p.is_file()), None)
     if config_file is not None:
         config = transformers.AutoConfig.for_model(**json.loads(config_file.read_text()))
@@ -108,10 +105,9 @@ def build_empty_model(cfg, ckpt: Path, run_dir: Path, vocab_size: Optional[int])
 
 def check_inputs(model: torch.nn.Module, cfg, tokenizer: Optional[Tokenizer], sample: str) -> dict:
     """Inputs to compare the exported model's outputs with the checkpoint's."""
-    if cfg.task == "image_classification":
+    if not cfg.text_task:  # a ResNet takes any image size
         gen = torch.Generator().manual_seed(0)
-        size = getattr(model.config, "image_size", None) or 32
-        return {"pixel_values": torch.randn(2, model.config.num_channels, size, size, generator=gen)}
+        return {"pixel_values": torch.randn(2, model.config.num_channels, 32, 32, generator=gen)}
     return {"input_ids": torch.tensor([tokenizer.encode(sample)[: cfg.train.seq_len]])}
 
 
@@ -130,10 +126,9 @@ def export_hf(run_dir: Path, out: Path, step: Optional[int] = None, force: bool 
     except ConfigError as err:
         raise CheckpointError(f"{ckpt / 'config.yaml'}: {err}") from None
     tok_file = next((p for p in (ckpt / "tokenizer.model", run_dir / "tokenizer.model") if p.is_file()), None)
-    text = cfg.task != "image_classification"
-    if text and tok_file is None:
+    if cfg.text_task and tok_file is None:
         raise CheckpointError(f"{run_dir}: no tokenizer.model in the checkpoint or the run directory")
-    tokenizer = Tokenizer.load(tok_file) if text else None
+    tokenizer = Tokenizer.load(tok_file) if cfg.text_task else None
     if out.exists() and any(out.iterdir()) and not force:
         raise CheckpointError(f"{out}: exists and is not empty (pass --force to replace it)")
 
@@ -160,13 +155,13 @@ def export_hf(run_dir: Path, out: Path, step: Optional[int] = None, force: bool 
     tmp.rename(out)
 
     # Check: the exported directory gives the checkpoint's outputs.
-    auto = getattr(transformers, AUTO_CLASSES[cfg.task])
-    reloaded = auto.from_pretrained(out, local_files_only=True).eval()
+    auto_class = task_class(cfg.task).auto_class
+    reloaded = getattr(transformers, auto_class).from_pretrained(out, local_files_only=True).eval()
     inputs = check_inputs(model, cfg, tokenizer, sample)
     with torch.no_grad():
         diff = (reloaded(**inputs).logits - model(**inputs).logits).abs().max().item()
     log(f"exported {ckpt} ({cfg.task}, {manifest['strategy']}, {manifest['world_size']} ranks) -> {out}; "
-        f"reload with {AUTO_CLASSES[cfg.task]}; max |logit difference| after reload: {diff:.2e}")
+        f"reload with {auto_class}; max |logit difference| after reload: {diff:.2e}")
     if diff > 1e-4:
         raise CheckpointError(f"{out}: reloaded model's logits differ from the checkpoint's by {diff:.2e}")
     return out

@@ -7,6 +7,8 @@ import time
 
 import torch
 
+from bigtrain.dist import LOW_PRECISION
+
 # Dense bf16/fp16 tensor-core peaks (FLOP/s) of common training GPUs, by name substring.
 _GPU_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "V100": 125e12}
 
@@ -35,5 +37,5 @@ def peak_flops(device: torch.device, precision: str) -> float:
         for key, value in _GPU_PEAK.items():
             if key in name:
                 return value if precision != "fp32" else value / 2
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    dtype = LOW_PRECISION.get(precision, torch.float32)
     return measured_matmul_flops(device.type, dtype)

@@ -52,10 +52,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(shlex.join(cmd))
         return 0
-    text = cfg.task != "image_classification"  # image sets are written by the job itself (needs torch)
-    if not text:
+    if not cfg.text_task:  # image sets are written by the job itself (needs torch)
         check_data_path(cfg)
-    if text and (cfg.data.path is not None or cfg.data.sources):  # fail on bad data here, before any rank starts
+    elif cfg.data.path is not None or cfg.data.sources:  # fail on bad data here, before any rank starts
         from bigtrain.data.prepare import prepare_sources
 
         prepare_sources(cfg.data)

@@ -83,7 +83,7 @@ def check_data_path(cfg: RunConfig, base: Optional[Path] = None) -> None:
                 raise ConfigError(f"data.path: no files match {item}")
         elif not path.exists():
             raise ConfigError(f"data.path: {item} does not exist")
-        elif cfg.task == "image_classification" and not (path / "train").is_dir():
+        elif not cfg.text_task and not (path / "train").is_dir():
             raise ConfigError(f"data.path: {item} has no train/ image set (expected train/ and val/ "
                               f"directories; or set data.download)")
 

@@ -9,8 +9,8 @@ from bigtrain.models.bert import build_masked_lm
 from bigtrain.models.gpt import build_causal_lm, flops_per_token
 from bigtrain.models.resnet import build_resnet
 
-__all__ = ["build_causal_lm", "build_masked_lm", "build_resnet", "flops_per_token", "forward_flops",
-           "repeated_blocks"]
+__all__ = ["batch_norms", "build_causal_lm", "build_masked_lm", "build_resnet", "flops_per_token",
+           "repeated_blocks", "training_flops"]
 
 # Where each family keeps its repeated blocks, below the base model.
 _BLOCK_PATHS = ("h", "layers", "encoder.layer", "encoder.stages")
@@ -28,8 +28,14 @@ def repeated_blocks(model: nn.Module) -> list[nn.Module]:
     raise ValueError(f"cannot find the repeated blocks of {type(model).__name__}")
 
 
-def forward_flops(model: nn.Module, **inputs: torch.Tensor) -> float:
-    """FLOPs of one forward pass on ``inputs``, counted by torch's FlopCounterMode."""
+def batch_norms(model: nn.Module) -> list[nn.Module]:
+    """The BatchNorm layers (engines keep their statistics in a dtype that works)."""
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def training_flops(model: nn.Module, **inputs: torch.Tensor) -> float:
+    """Training FLOPs (forward + backward, 3x the forward) on ``inputs``; the forward FLOPs are
+    counted by torch's FlopCounterMode on the model as it is (run before it is wrapped)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False)
@@ -38,4 +44,4 @@ def forward_flops(model: nn.Module, **inputs: torch.Tensor) -> float:
     with torch.no_grad(), counter:
         model(**inputs)
     model.train(was_training)
-    return float(counter.get_total_flops())
+    return 3.0 * counter.get_total_flops()

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bigtrain.config import RunConfig
-from bigtrain.dist import DistInfo
+from bigtrain.dist import LOW_PRECISION, DistInfo
 
 
 def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -43,10 +43,9 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device,
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    if precision == "fp32":
+    if precision not in LOW_PRECISION:
         return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    return torch.autocast(device_type=device.type, dtype=LOW_PRECISION[precision])
 
 
 def enable_activation_checkpointing(model: nn.Module) -> None:

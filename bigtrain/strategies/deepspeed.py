@@ -19,8 +19,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from bigtrain import dist
 from bigtrain.checkpoint import derived_dir, fault_point
 from bigtrain.config import RunConfig, deep_merge
+from bigtrain.dist import LOW_PRECISION
+from bigtrain.models import batch_norms
 from bigtrain.optim import adamw_kwargs, param_groups
 from bigtrain.strategies import memory
 from bigtrain.strategies.base import Strategy, enable_activation_checkpointing, to_device
@@ -82,11 +85,10 @@ class DeepSpeedStrategy(Strategy):
             raise ValueError("precision: fp16 needs a CUDA device; use bf16 or fp32 on CPU")
         if self.cfg.strategy.activation_checkpointing:
             enable_activation_checkpointing(model)
-        low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.cfg.precision)
+        low = LOW_PRECISION.get(self.cfg.precision)
         if low is not None:  # DeepSpeed casts parameters, not buffers: BatchNorm statistics must follow
-            for module in model.modules():
-                if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                    module.to(low)
+            for norm in batch_norms(model):
+                norm.to(low)
         n_params = sum(p.numel() for p in model.parameters())
         self.ds_config = deepspeed_config(self.cfg, self.info.world_size, n_params)
         groups = param_groups(model, self.cfg.optim.weight_decay)
@@ -150,11 +152,11 @@ class DeepSpeedStrategy(Strategy):
         so a conversion killed half-way is redone, not reused."""
         import shutil
 
-        import torch.distributed as dist
-
         out = derived_dir(directory, "universal")
-        error = None
-        if self.info.is_main and not out.is_dir():
+
+        def convert() -> None:
+            if out.is_dir():
+                return
             print(f"checkpoint: converting {directory.name} to a universal checkpoint ({out.name}) "
                   f"for {self.info.world_size} ranks", flush=True)
             tmp = out.with_name(out.name + ".tmp")
@@ -165,18 +167,13 @@ class DeepSpeedStrategy(Strategy):
                                    "--input_folder", str(directory / DS_DIR / TAG), "--output_folder", str(tmp / TAG),
                                    "--num_extract_workers", "1", "--num_merge_workers", "1", "--inject_missing_state"],
                                   capture_output=True, text=True)
-            if proc.returncode == 0:
-                tmp.rename(out)
-            else:
-                tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
-                error = f"{directory}: ds_to_universal failed (exit {proc.returncode}): " + " | ".join(tail)
+            if proc.returncode != 0:
                 shutil.rmtree(tmp, ignore_errors=True)
-        if dist.is_initialized():
-            box = [error]
-            dist.broadcast_object_list(box, src=0)
-            error = box[0]
-        if error:
-            raise RuntimeError(error)
+                tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+                raise RuntimeError(f"{directory}: ds_to_universal failed (exit {proc.returncode}): " + " | ".join(tail))
+            tmp.rename(out)
+
+        dist.run_on_main(convert, self.info.is_main)
         return out
 
     def full_model_state(self):

@@ -27,13 +27,13 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
 from bigtrain.checkpoint import fault_point
-from bigtrain.models import repeated_blocks
+from bigtrain.dist import LOW_PRECISION
+from bigtrain.models import batch_norms, repeated_blocks
 from bigtrain.optim import adamw_kwargs, param_groups
 from bigtrain.strategies import memory
 from bigtrain.strategies.base import Strategy, enable_activation_checkpointing, to_device
 
 DCP_DIR = "dcp"
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
@@ -61,8 +61,8 @@ class FSDPStrategy(Strategy):
             enable_activation_checkpointing(model)
         model.to(self.device)
         kwargs = {"mesh": self._mesh(), "reshard_after_forward": fcfg.reshard_after_forward}
-        if self.cfg.precision in _DTYPES:
-            kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=_DTYPES[self.cfg.precision],
+        if self.cfg.precision in LOW_PRECISION:
+            kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=LOW_PRECISION[self.cfg.precision],
                                                        reduce_dtype=torch.float32)
         if fcfg.cpu_offload:
             kwargs["offload_policy"] = CPUOffloadPolicy()
@@ -70,10 +70,9 @@ class FSDPStrategy(Strategy):
             # BatchNorm in fp32: bf16 parameters next to its fp32 running statistics fail, and
             # low-precision statistics drift. Own units, fp32 parameters, output back in bf16.
             norm_kwargs = {**kwargs, "mp_policy": MixedPrecisionPolicy(
-                param_dtype=torch.float32, reduce_dtype=torch.float32, output_dtype=_DTYPES[self.cfg.precision])}
-            for module in model.modules():
-                if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                    fully_shard(module, **norm_kwargs)
+                param_dtype=torch.float32, reduce_dtype=torch.float32, output_dtype=LOW_PRECISION[self.cfg.precision])}
+            for norm in batch_norms(model):
+                fully_shard(norm, **norm_kwargs)
         for block in repeated_blocks(model):
             fully_shard(block, **kwargs)
         fully_shard(model, **kwargs)
@@ -147,7 +146,7 @@ class FSDPStrategy(Strategy):
     def memory_report(self):
         report = memory.report(self.model, self.optimizer, self.device)  # local shards only
         # While a block runs, its parameters are all-gathered (unsharded) in the compute dtype.
-        compute_bytes = 2 if self.cfg.precision in _DTYPES else 4
+        compute_bytes = 2 if self.cfg.precision in LOW_PRECISION else 4
         report["fsdp_unsharded_block_bytes"] = max(
             (sum(p.numel() for p in block.parameters()) * compute_bytes for block in repeated_blocks(self.model)),
             default=0)

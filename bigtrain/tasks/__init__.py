@@ -18,11 +18,15 @@ TASKS = {
 }
 
 
+def task_class(name: str) -> type[Task]:
+    if name not in TASKS:
+        raise ValueError(f"task: unknown task '{name}' (expected one of {', '.join(TASKS)})")
+    module, attr = TASKS[name]
+    return getattr(importlib.import_module(module), attr)
+
+
 def build_task(cfg: RunConfig, info: DistInfo, log: Callable[[str], None]) -> Task:
-    if cfg.task not in TASKS:
-        raise ValueError(f"task: unknown task '{cfg.task}' (expected one of {', '.join(TASKS)})")
-    module, name = TASKS[cfg.task]
-    return getattr(importlib.import_module(module), name)(cfg, info, log)
+    return task_class(cfg.task)(cfg, info, log)
 
 
-__all__ = ["TASKS", "Task", "build_task"]
+__all__ = ["TASKS", "Task", "build_task", "task_class"]

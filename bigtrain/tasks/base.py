@@ -18,10 +18,17 @@ Batch = dict[str, torch.Tensor]
 HF_CONFIG = "hf_config.json"
 
 
+def first_eval_batches(stream: PositionalStream, max_batches: int) -> Iterable[Batch]:
+    """This rank's share of the first global batches of an eval ``stream`` (global batch = micro
+    batch x world size): up to ``max_batches`` of them, at most one pass (a partial last batch is
+    dropped), at least one."""
+    for index in range(min(max_batches, max(1, stream.num_samples // stream.global_batch))):
+        yield stream.micro_batch_at(index)
+
+
 class Task:
     """Subclasses set the class attributes and implement the methods that raise here."""
 
-    name = "task"
     auto_class = ""  # the transformers Auto class an export reloads with
     tokens_per_sample = 0  # > 0: a text task (throughput in tokens, a tokenizer in the run)
 
@@ -81,15 +88,5 @@ class Task:
         return []
 
     def on_main(self, make: Callable[[], object]) -> object:
-        """Collective: ``make()`` on rank 0, its (picklable) result on every rank; an exception
-        it raises is raised on every rank (none waits for a result that never comes)."""
-        result, error = None, None
-        if self.info.is_main:
-            try:
-                result = make()
-            except Exception as err:  # re-raised below, on every rank
-                error = err
-        result, error = dist.broadcast_object((result, error))
-        if error is not None:
-            raise error
-        return result
+        """Collective: see :func:`bigtrain.dist.run_on_main`."""
+        return dist.run_on_main(make, self.info.is_main)

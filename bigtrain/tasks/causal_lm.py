@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -17,7 +18,6 @@ from bigtrain.tasks.base import Task
 
 
 class CausalLMTask(Task):
-    name = "causal_lm"
     auto_class = "AutoModelForCausalLM"
 
     def prepare(self) -> None:
@@ -72,8 +72,6 @@ class CausalLMTask(Task):
 def lm_metrics(losses: list[float], weights: list[float]) -> dict[str, float]:
     """``val_loss`` (the sources' losses weighted like the mixture), ``val_ppl``, and per source
     ``val_loss_<k>`` when there are several."""
-    import math
-
     val = sum(w * v for w, v in zip(weights, losses)) / sum(weights)
     out = {"val_loss": val, "val_ppl": math.exp(min(val, 50))}
     if len(losses) > 1:

@@ -13,9 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from bigtrain.data.images import ImageStream, image_splits, open_images
-from bigtrain.models import build_resnet, forward_flops
-from bigtrain.tasks.base import Task
-from bigtrain.tasks.masked_lm import first_batches
+from bigtrain.models import build_resnet, training_flops
+from bigtrain.tasks.base import Task, first_eval_batches
 
 
 def _logits_and_labels(model: nn.Module, batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -23,7 +22,6 @@ def _logits_and_labels(model: nn.Module, batch) -> tuple[torch.Tensor, torch.Ten
 
 
 class ImageClassificationTask(Task):
-    name = "image_classification"
     auto_class = "AutoModelForImageClassification"
 
     def prepare(self) -> None:
@@ -45,9 +43,7 @@ class ImageClassificationTask(Task):
         if self.val_root is None:
             return []
         stream = self._stream(self.val_root, self.cfg.train.micro_batch_size * self.info.world_size, train=False)
-        # the whole val set (up to train.eval_batches global batches); the last partial batch is dropped
-        count = min(self.cfg.train.eval_batches, max(1, stream.num_samples // stream.global_batch))
-        return [first_batches(stream, count)]
+        return [first_eval_batches(stream, self.cfg.train.eval_batches)]
 
     def build_model(self) -> nn.Module:
         _, channels, _, _ = self.manifest["shape"]
@@ -71,4 +67,4 @@ class ImageClassificationTask(Task):
 
     def flops_per_sample(self, model):
         _, c, h, w = self.manifest["shape"]
-        return 3 * forward_flops(model, pixel_values=torch.zeros((1, c, h, w), device=next(model.parameters()).device))
+        return training_flops(model, pixel_values=torch.zeros((1, c, h, w), device=next(model.parameters()).device))

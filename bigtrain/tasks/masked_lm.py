@@ -14,7 +14,8 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from bigtrain.data.mlm import IGNORE, MaskedLMStream
-from bigtrain.models import build_masked_lm
+from bigtrain.models import build_masked_lm, training_flops
+from bigtrain.tasks.base import first_eval_batches
 from bigtrain.tasks.causal_lm import CausalLMTask, lm_metrics
 
 
@@ -25,14 +26,7 @@ def _masked_token_losses(model: nn.Module, batch) -> tuple[torch.Tensor, torch.T
     return total, (labels != IGNORE).sum()
 
 
-def first_batches(stream, count: int):
-    """This rank's first ``count`` micro-batches of ``stream``."""
-    for index in range(count):
-        yield stream.micro_batch_at(index)
-
-
 class MaskedLMTask(CausalLMTask):
-    name = "masked_lm"
     auto_class = "AutoModelForMaskedLM"
 
     def stream_kwargs(self) -> dict:
@@ -45,11 +39,10 @@ class MaskedLMTask(CausalLMTask):
     def eval_sets(self):
         t, world = self.cfg.train, self.info.world_size
         sets = []
-        for k, data in enumerate(self.sources):
+        for data in self.sources:
             stream = MaskedLMStream(**{**self.stream_kwargs(), "sources": [data], "weights": None, "split": "val",
                                        "shuffle": False, "global_batch": t.micro_batch_size * world})
-            batches = min(t.eval_batches, max(1, stream.num_samples // stream.global_batch))
-            sets.append(first_batches(stream, batches))
+            sets.append(first_eval_batches(stream, t.eval_batches))
         return sets
 
     def build_model(self) -> PreTrainedModel:
@@ -70,11 +63,8 @@ class MaskedLMTask(CausalLMTask):
         return lm_metrics([float(s[0] / s[1].clamp(min=1)) for s in sums], self.cfg.data.weights)
 
     def flops_per_sample(self, model):
-        # Forward FLOPs of one sample counted by torch, times 3 (backward is about twice forward).
-        from bigtrain.models import forward_flops
-
         ids = torch.zeros((1, self.cfg.train.seq_len), dtype=torch.long, device=next(model.parameters()).device)
-        return 3 * forward_flops(model, input_ids=ids)
+        return training_flops(model, input_ids=ids)
 
     def summary(self, val_loss):
         return [] if val_loss is None else [f"val masked-token loss {val_loss:.4f} nats"]
