@@ -76,6 +76,7 @@ def measure(name: str, overrides: list[str], strategy_name: str, repeats: int, i
         t0 = time.perf_counter()
         mgr.load(path, strategy, cfg.model.model_dump(mode="json"))
         results["load_s"].append(time.perf_counter() - t0)
+    strategy.close()
     out = {"model": name, "strategy": strategy_name, "ranks": info.world_size, "params": params, "bytes": size}
     out.update({k: round(statistics.median(v), 4) for k, v in results.items()})
     out["async_stall_over_sync"] = round(out["async_stall_s"] / out["sync_save_s"], 3)

@@ -8,7 +8,9 @@ directly, from SLURM's (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID).
 from __future__ import annotations
 
 import datetime
+import gc
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -129,8 +131,20 @@ def init(threads: int | None = None, timeout_s: float = 600.0, always: bool = Fa
 
 
 def shutdown() -> None:
+    """Destroy every process group, and free them now, while the interpreter is whole.
+
+    A group someone still references outlives ``destroy_process_group`` with its gloo/NCCL
+    threads running; freed during interpreter exit instead, it can abort a finished run
+    ("terminate called without an active exception", seen with DeepSpeed's groups). DeepSpeed
+    keeps its own references, released by its own destroy.
+    """
     if dist.is_initialized():
-        dist.destroy_process_group()
+        ds_comm = sys.modules.get("deepspeed.comm")
+        if ds_comm is not None and ds_comm.is_initialized():
+            ds_comm.destroy_process_group()
+        else:
+            dist.destroy_process_group()
+    gc.collect()
 
 
 def barrier() -> None:

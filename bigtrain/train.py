@@ -7,6 +7,7 @@ engine runs.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import random
@@ -216,6 +217,7 @@ def train(cfg: RunConfig) -> TrainResult:
     if stop:
         tracker.log(f"preempted ({preempt.requested}) after step {done}: checkpoint {last_ckpt}; "
                     f"exiting with code {EXIT_REQUEUE} (requeue to resume)")
+        strategy.close()
         tracker.close()
         dist.barrier()
         return TrainResult(run_dir, done, val_loss, last_ckpt, preempted=True)
@@ -230,6 +232,7 @@ def train(cfg: RunConfig) -> TrainResult:
         tracker.log(f"metrics:     {run_dir / 'metrics.jsonl'}  eval: {run_dir / 'eval.jsonl'}")
         for line in task.summary(val_loss):
             tracker.log(line)
+    strategy.close()
     tracker.close()
     dist.barrier()
     return TrainResult(run_dir, max_steps, val_loss, last_ckpt)
@@ -254,5 +257,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     return EXIT_REQUEUE if result.preempted else EXIT_OK
 
 
+def exit_now(code: int) -> None:
+    """Exit once the run is over (files closed, process groups destroyed), skipping interpreter
+    teardown. Engines can leave objects alive that hold process groups (ZeRO-3 keeps its model
+    in module-level caches); freed during teardown, they can make gloo abort a run that has
+    finished ("terminate called without an active exception", exit -6: a ZeRO-2 job in CI)."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())

@@ -3,6 +3,10 @@ and configuration errors caught before any process group exists. Real 2-rank run
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
 import pytest
 
 from bigtrain.config import ConfigError, load_config
@@ -111,3 +115,20 @@ def test_cli_errors_before_any_process_group(tmp_path, cache_dir, tiny_text):
     assert odd.returncode == 2
     assert odd.stderr.strip() == ("error: train.global_batch_size (8) must be a multiple of "
                                   "train.micro_batch_size x world size (4 x 3)")
+
+
+def test_deepspeed_engine_and_groups_are_freed_when_the_run_ends(tmp_path, cache_dir, tiny_text):
+    """ZeRO's hooks kept the engine (and the groups it made) alive into interpreter teardown, where
+    gloo aborted a finished job once. After a run, bigtrain has destroyed the engine and freed
+    every group but (at most) torch's own world group."""
+    args = train_args(tmp_path / "run", cache_dir, tiny_text, "train.max_steps=2", "train.sample_tokens=0",
+                      "checkpoint.save_final=false", *ENGINES["zero2"])[1:]
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                           str(ROOT / "tests" / "teardown_probe.py"), *args],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    reports = [json.loads(line.split("TEARDOWN ", 1)[1]) for line in proc.stdout.splitlines() if "TEARDOWN " in line]
+    assert sorted(r["rank"] for r in reports) == [0, 1], proc.stdout[-2000:]
+    for report in reports:
+        assert report["code"] == 0 and report["engines"] == 0, report
+        assert report["gloo_threads"] <= 2, report  # one group's worker threads: torch's world group

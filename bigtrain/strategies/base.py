@@ -116,6 +116,10 @@ class Strategy(ABC):
     def generation_model(self) -> nn.Module:
         """A module that can run ``generate``-style forward passes (may gather shards)."""
 
+    def close(self) -> None:
+        """Release what the engine holds beyond its Python references (hooks, threads), so the
+        model and its process groups are freed before the interpreter exits. Idempotent."""
+
     # -- reporting ------------------------------------------------------------------------
     def memory_report(self) -> dict[str, Any]:
         """Bytes this rank holds, by kind. Engines override to name what they really hold."""

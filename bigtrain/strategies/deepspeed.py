@@ -77,6 +77,7 @@ def deepspeed_config(cfg: RunConfig, world_size: int, n_params: int) -> dict[str
 
 class DeepSpeedStrategy(Strategy):
     name = "deepspeed"
+    engine = None
 
     def setup(self, model: nn.Module) -> None:
         import deepspeed
@@ -106,6 +107,15 @@ class DeepSpeedStrategy(Strategy):
 
     def precision_context(self):
         return contextlib.nullcontext()  # the engine holds bf16/fp16 parameters itself
+
+    def close(self) -> None:
+        # ZeRO's gradient hooks reach the engine from C++, so without destroy() the engine and
+        # its process groups live until interpreter exit (where gloo aborted a finished run).
+        # (ZeRO-3 still keeps its model in module-level caches; python -m bigtrain.train exits
+        # without interpreter teardown for that reason.)
+        if self.engine is not None:
+            self.engine.destroy()
+            self.engine = self.model = self.optimizer = None
 
     def forward_backward(self, batch, scale, last_micro):
         # DeepSpeed divides by its gradient_accumulation_steps itself (== 1/scale) and steps only

@@ -76,6 +76,11 @@ class SingleStrategy(Strategy):
             self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-writer")
         return self._writer.submit(self._write, directory, model, optim)
 
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.shutdown(wait=True)
+            self._writer = None
+
     def load(self, directory: Path) -> None:
         load_model_file(self.raw_model, directory, self.device)
         blob = torch.load(directory / "optimizer.pt", map_location=self.device, weights_only=True)
