@@ -84,3 +84,22 @@ def test_bf16_and_activation_checkpointing_train(tmp_path, cache_dir, tiny_text)
     bf, _ = train_run(tmp_path, "bf", cache_dir, tiny_text, "train.max_steps=4", "checkpoint.save_final=false",
                       "precision=bf16")
     assert [m["loss"] for m in read_jsonl(bf / "metrics.jsonl")] == pytest.approx(lb, abs=5e-2)
+
+
+def test_wandb_offline_logs_metrics_and_a_resumed_run_continues_the_same_wandb_run(tmp_path, cache_dir, tiny_text):
+    """W&B for real, offline (no network): the run's records hold our train/ and eval/ metrics,
+    and a resume in the same run dir continues the same W&B run id."""
+    run_dir = tmp_path / "run"
+    args = ["train.sample_tokens=0", "tracking.wandb.mode=offline", "tracking.wandb.project=bt-test"]
+    for steps in (2, 4):
+        proc = run_cli(*train_args(run_dir, cache_dir, tiny_text, f"train.max_steps={steps}", *args),
+                       env={"WANDB_MODE": "offline"})
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    run_id = (run_dir / "wandb_id.txt").read_text()
+    runs = sorted((run_dir / "wandb").glob("offline-run-*"))
+    assert [r.name.rsplit("-", 1)[1] for r in runs] == [run_id, run_id]
+    for run in runs:
+        records = (run / f"run-{run_id}.wandb").read_bytes()
+        assert b"train/loss" in records and b"train/tokens_per_s" in records and b"eval/val_loss" in records
+        assert b"bt-test" in records
+    assert [m["step"] for m in read_jsonl(run_dir / "metrics.jsonl")] == [1, 2, 3, 4]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ class WandbRun:
 
     def close(self) -> None:
         self.run.finish()
+        self._wandb.teardown()  # now: the training process exits without interpreter teardown
 
 
 def _stable_id(run_dir: Path) -> str:
@@ -30,8 +32,6 @@ def _stable_id(run_dir: Path) -> str:
     id_file = run_dir / "wandb_id.txt"
     if id_file.is_file():
         return id_file.read_text().strip()
-    import wandb
-
-    run_id = wandb.util.generate_id()
+    run_id = secrets.token_hex(4)  # W&B ids are short [a-z0-9] strings
     id_file.write_text(run_id)
     return run_id
