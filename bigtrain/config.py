@@ -73,7 +73,9 @@ class TokenizerSection(_Section):
     type: Literal["sentencepiece"] = "sentencepiece"
     model_type: Literal["bpe", "unigram"] = "bpe"
     vocab_size: int = Field(4096, ge=64, le=1_000_000)
-    path: Optional[str] = None  # an existing .model file: skip training
+    # an existing tokenizer instead of training one: a SentencePiece .model file, or a Hugging Face
+    # tokenizer (a directory with tokenizer.json); default with model.pretrained: that checkpoint's
+    path: Optional[str] = None
     sample_bytes: int = Field(20_000_000, ge=1000)  # corpus bytes the tokenizer trains on
 
 
@@ -372,6 +374,12 @@ class RunConfig(_Section):
             raise ValueError("data.sources: mixtures are for text tasks; image_classification reads data.path")
         if images and not isinstance(self.data.path, str):
             raise ValueError("data.path: image_classification needs one directory (holding train/ and val/)")
+        if self.model.pretrained and self.task == "masked_lm":
+            raise ValueError("model.pretrained: fine-tuning is supported for causal_lm; masked_lm trains "
+                             "bigtrain's BERT with its own SentencePiece vocabulary")
+        if self.model.pretrained and self.text_task and self.data.tokenizer.path is None:
+            # a checkpoint only makes sense with the tokenizer it was trained with
+            self.data.tokenizer.path = self.model.pretrained
         if self.model.name == "resnet" and self.strategy.activation_checkpointing:
             raise ValueError("strategy.activation_checkpointing: not supported for resnet (recomputing a "
                              "block would update its BatchNorm statistics twice)")

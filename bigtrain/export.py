@@ -3,8 +3,9 @@
     python -m bigtrain.export RUN_DIR [--step N] --to hf OUT      (what ``bigtrain export`` runs)
 
 Writes ``config.json``, ``model.safetensors`` (consolidated from shards), ``generation_config.json``
-and the tokenizer (``tokenizer.json`` for ``AutoTokenizer`` plus the original SentencePiece
-``tokenizer.model``; text tasks), then reloads the directory with the task's Auto class
+and the tokenizer for ``AutoTokenizer`` (text tasks: the run's Hugging Face tokenizer files as they
+were, or a ``tokenizer.json`` converted from bigtrain's SentencePiece ``tokenizer.model``, which is
+copied too), then reloads the directory with the task's Auto class
 (``AutoModelForCausalLM``, ``AutoModelForMaskedLM``, ``AutoModelForImageClassification``) and
 checks that it gives the same logits as the checkpointed model.
 """
@@ -23,7 +24,7 @@ import yaml
 
 from bigtrain.checkpoint import CheckpointError, list_checkpoints, verify
 from bigtrain.config import ConfigError, validate
-from bigtrain.data.tokenizer import Tokenizer
+from bigtrain.data.tokenizer import AnyTokenizer, HFTokenizer, Tokenizer, load_tokenizer
 from bigtrain.exit_codes import BAD_INPUT, OK
 from bigtrain.models import build_causal_lm
 from bigtrain.tasks import task_class
@@ -103,7 +104,7 @@ def build_empty_model(cfg, ckpt: Path, run_dir: Path, vocab_size: Optional[int])
     return build_causal_lm(cfg.model.model_copy(update={"pretrained": None}), vocab_size, cfg.train.seq_len)
 
 
-def check_inputs(model: torch.nn.Module, cfg, tokenizer: Optional[Tokenizer], sample: str) -> dict:
+def check_inputs(model: torch.nn.Module, cfg, tokenizer: Optional[AnyTokenizer], sample: str) -> dict:
     """Inputs to compare the exported model's outputs with the checkpoint's."""
     if not cfg.text_task:  # a ResNet takes any image size
         gen = torch.Generator().manual_seed(0)
@@ -125,10 +126,11 @@ def export_hf(run_dir: Path, out: Path, step: Optional[int] = None, force: bool 
         cfg = validate(yaml.safe_load((ckpt / "config.yaml").read_text()))
     except ConfigError as err:
         raise CheckpointError(f"{ckpt / 'config.yaml'}: {err}") from None
-    tok_file = next((p for p in (ckpt / "tokenizer.model", run_dir / "tokenizer.model") if p.is_file()), None)
+    tok_file = next((d / name for d in (ckpt, run_dir) for name in (HFTokenizer.main_file, Tokenizer.main_file)
+                     if (d / name).is_file()), None)
     if cfg.text_task and tok_file is None:
-        raise CheckpointError(f"{run_dir}: no tokenizer.model in the checkpoint or the run directory")
-    tokenizer = Tokenizer.load(tok_file) if cfg.text_task else None
+        raise CheckpointError(f"{run_dir}: no tokenizer.json or tokenizer.model in the checkpoint or the run directory")
+    tokenizer = load_tokenizer(tok_file) if cfg.text_task else None
     if out.exists() and any(out.iterdir()) and not force:
         raise CheckpointError(f"{out}: exists and is not empty (pass --force to replace it)")
 
@@ -142,7 +144,9 @@ def export_hf(run_dir: Path, out: Path, step: Optional[int] = None, force: bool 
     tmp.mkdir(parents=True)
     model.save_pretrained(tmp, safe_serialization=True)
     sample = "First Citizen:\nBefore we proceed any further, hear me speak.\n\tcafé"
-    if tokenizer is not None:
+    if isinstance(tokenizer, HFTokenizer):
+        tokenizer.save_files(tmp)
+    elif tokenizer is not None:
         shutil.copy(tok_file, tmp / "tokenizer.model")
         hf_tok = hf_tokenizer(tok_file)
         if hf_tok.encode(sample, add_special_tokens=False) == tokenizer.encode(sample):

@@ -5,12 +5,12 @@ from __future__ import annotations
 import torch
 
 from bigtrain.config import RunConfig
-from bigtrain.data.tokenizer import Tokenizer
+from bigtrain.data.tokenizer import AnyTokenizer
 from bigtrain.strategies.base import autocast
 
 
 @torch.no_grad()
-def sample_text(strategy, tokenizer: Tokenizer, cfg: RunConfig, prompt: str, max_new_tokens: int,
+def sample_text(strategy, tokenizer: AnyTokenizer, cfg: RunConfig, prompt: str, max_new_tokens: int,
                 temperature: float = 0.8, top_k: int = 50) -> str:
     """Every rank must call (sharded engines run collective forwards); all ranks get the same text."""
     model = strategy.generation_model()

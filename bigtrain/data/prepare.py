@@ -1,4 +1,4 @@
-"""``bigtrain data prepare``: raw text -> SentencePiece tokenizer + binary token shards.
+"""``bigtrain data prepare``: raw text -> tokenizer (trained SentencePiece, or ``data.tokenizer.path``) + binary token shards.
 
 The output directory is keyed by a content hash of the inputs and the tokenizer settings, so
 preparing the same data twice is a no-op, and ``bigtrain train`` can prepare on first use.
@@ -22,7 +22,7 @@ from bigtrain.config import DataSection
 from bigtrain.data import corpora
 from bigtrain.data.shards import FORMAT, MANIFEST, PreparedData, is_prepared_dir, open_prepared, sha256_file, token_dtype
 from bigtrain.data.sources import BadRecords, DataError, content_fingerprint, input_bytes, iter_documents, resolve_files
-from bigtrain.data.tokenizer import Tokenizer, train_tokenizer
+from bigtrain.data.tokenizer import AnyTokenizer, load_tokenizer, train_tokenizer
 
 VAL_BLOCK_TOKENS = 4096  # the token stream is cut into blocks; every k-th block is held out
 
@@ -118,14 +118,14 @@ def prepare(cfg: DataSection, out_dir: Optional[str | Path] = None,
         if is_prepared_dir(Path(cfg.path)):
             data = open_prepared(cfg.path, verify="checksum")
             if cfg.tokenizer.path:
-                _check_same_tokenizer(data, Tokenizer.load(cfg.tokenizer.path).fingerprint, cfg.tokenizer.path)
+                _check_same_tokenizer(data, open_tokenizer(cfg.tokenizer.path).fingerprint, cfg.tokenizer.path)
             return data
         if cfg.download and not os.path.exists(cfg.path):
             log(f"data: downloading corpus '{cfg.download}' into {cfg.path}")
             corpora.download(cfg.download, cfg.path)
     files = resolve_files(cfg.path)
 
-    tokenizer = Tokenizer.load(cfg.tokenizer.path) if cfg.tokenizer.path else None
+    tokenizer = open_tokenizer(cfg.tokenizer.path) if cfg.tokenizer.path else None
     key = {"inputs": content_fingerprint(files),
            **_settings_key(cfg, tokenizer.fingerprint if tokenizer else None)}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
@@ -160,7 +160,8 @@ def prepare(cfg: DataSection, out_dir: Optional[str | Path] = None,
                 raise DataError(f"data.tokenizer: training failed on '{cfg.path}': {str(err).strip()}") from None
             log(f"data: trained {cfg.tokenizer.model_type} tokenizer, vocab {tokenizer.vocab_size} "
                 f"({time.time() - t0:.1f}s)")
-        tokenizer.save(tmp / "tokenizer.model")
+        tok_files = [{"file": p.name, "bytes": p.stat().st_size, "sha256": sha256_file(p)}
+                     for p in tokenizer.save_files(tmp)]
         dtype = token_dtype(tokenizer.vocab_size)
         writers = {s: _ShardWriter(tmp, s, dtype, cfg.shard_tokens) for s in ("train", "val")}
         pending = np.empty(0, dtype=np.int64)
@@ -200,9 +201,9 @@ def prepare(cfg: DataSection, out_dir: Optional[str | Path] = None,
         manifest = {
             "format": FORMAT,
             "created_s": round(time.time(), 3),
-            "tokenizer": {"type": "sentencepiece", "file": "tokenizer.model", "vocab_size": tokenizer.vocab_size,
+            "tokenizer": {"type": tokenizer.kind, "file": tokenizer.main_file, "vocab_size": tokenizer.vocab_size,
                           "eos_id": tokenizer.eos_id, "sha256": tokenizer.fingerprint,
-                          "bytes": (tmp / "tokenizer.model").stat().st_size},
+                          "bytes": (tmp / tokenizer.main_file).stat().st_size, "files": tok_files},
             "dtype": dtype.str,
             "documents": n_docs,
             "sources": [{"file": str(f), "bytes": input_bytes([f])} for f in files],
@@ -230,6 +231,19 @@ def prepare(cfg: DataSection, out_dir: Optional[str | Path] = None,
     st = data.manifest["stats"]
     log(f"data: {st['train_tokens']:,} train / {st['val_tokens']:,} val tokens in {time.time() - t0:.1f}s -> {root}")
     return data
+
+
+def open_tokenizer(path: str) -> AnyTokenizer:
+    """``data.tokenizer.path`` opened, or a one-line DataError; it must name an eos (or sep)
+    token, which separates the packed documents."""
+    try:
+        tokenizer = load_tokenizer(path)
+    except (OSError, RuntimeError, ValueError) as err:
+        raise DataError(f"data.tokenizer.path: {err}") from None
+    if tokenizer.eos_id < 0:
+        raise DataError(f"data.tokenizer.path: {path}: the tokenizer names no eos_token or sep_token "
+                        f"(bigtrain separates documents with it)")
+    return tokenizer
 
 
 def _check_same_tokenizer(data: PreparedData, fingerprint: str, where: str) -> None:

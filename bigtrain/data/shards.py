@@ -3,7 +3,8 @@
 A prepared data set is a directory::
 
     manifest.json        format, tokenizer (file, sha256, vocab), dtype, shards, stats
-    tokenizer.model      SentencePiece model
+    tokenizer.model      SentencePiece model (or tokenizer.json + tokenizer_config.json: a
+                         Hugging Face checkpoint's tokenizer)
     train-00000.bin ...  little-endian token ids (uint16 if the vocab fits, else uint32),
     val-00000.bin  ...   documents separated by the tokenizer's EOS id
 
@@ -105,8 +106,8 @@ def open_prepared(root: str | Path, verify: str = "size") -> PreparedData:
     root = Path(root)
     manifest = load_manifest(root, FORMAT, "a prepared data set")
     tok = manifest["tokenizer"]
-    check_files(root, [{"file": tok["file"], "bytes": tok["bytes"], "sha256": tok["sha256"]}] + manifest["shards"],
-                verify)
+    tok_files = tok.get("files") or [{"file": tok["file"], "bytes": tok["bytes"], "sha256": tok["sha256"]}]
+    check_files(root, tok_files + manifest["shards"], verify)
     data = PreparedData(root, manifest)
     if data.tokens("train") < 2:
         raise DataError(f"{root}: the train split holds fewer than 2 tokens")

@@ -1,15 +1,20 @@
-"""SentencePiece tokenizer: train on a corpus, load, encode/decode losslessly.
+"""Tokenizers: bigtrain's own SentencePiece model, or a Hugging Face checkpoint's.
 
-Trained with identity normalisation, no dummy prefix, byte fallback and ``\\n`` as its own
-piece, so ``decode(encode(text)) == text`` for any UTF-8 text.
+:class:`Tokenizer` (``tokenizer.model``) is trained on the corpus with identity normalisation, no
+dummy prefix, byte fallback and ``\\n`` as its own piece, so ``decode(encode(text)) == text`` for
+any UTF-8 text. :class:`HFTokenizer` is a fast tokenizer as Hugging Face saves it next to a model
+(``tokenizer.json`` + ``tokenizer_config.json``), read with the ``tokenizers`` library (no torch):
+what fine-tuning a pretrained checkpoint must tokenize with. :func:`load_tokenizer` opens either.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import json
+import shutil
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Union
 
 import sentencepiece as spm
 
@@ -19,6 +24,11 @@ SPECIAL_PIECES = ("<mask>", "<cls>", "<sep>")
 
 
 class Tokenizer:
+    """bigtrain's SentencePiece model (``tokenizer.model``)."""
+
+    kind = "sentencepiece"
+    main_file = "tokenizer.model"
+
     def __init__(self, model_proto: bytes):
         self.proto = model_proto
         self.sp = spm.SentencePieceProcessor(model_proto=model_proto)
@@ -61,6 +71,117 @@ class Tokenizer:
 
     def save(self, path: str | Path) -> None:
         Path(path).write_bytes(self.proto)
+
+    @property
+    def file_names(self) -> list[str]:
+        return [self.main_file]
+
+    def save_files(self, directory: str | Path) -> list[Path]:
+        """Write the tokenizer's :attr:`file_names` into ``directory``; return their paths."""
+        self.save(Path(directory) / self.main_file)
+        return [Path(directory) / self.main_file]
+
+
+HF_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+_ROLES = ("eos_token", "sep_token", "pad_token", "bos_token", "cls_token", "mask_token", "unk_token")
+
+
+class HFTokenizer:
+    """A Hugging Face fast tokenizer directory. Text is encoded without the model's special tokens
+    (bigtrain packs documents itself, separated by ``eos_id``: the eos token, else the sep token)."""
+
+    kind = "hf"
+    main_file = "tokenizer.json"
+
+    def __init__(self, directory: str | Path):
+        from tokenizers import Tokenizer as Backend
+
+        self.directory = Path(directory)
+        main = self.directory / self.main_file
+        if not main.is_file():
+            raise FileNotFoundError(f"{self.directory}: no {self.main_file} (bigtrain reads Hugging Face fast "
+                                    f"tokenizers; AutoTokenizer.from_pretrained(dir).save_pretrained(dir) writes one)")
+        self.backend = Backend.from_file(str(main))
+        self.special = {}  # role -> token text, from tokenizer_config.json / special_tokens_map.json
+        for name in reversed(HF_FILES[1:]):
+            path = self.directory / name
+            if path.is_file():
+                config = json.loads(path.read_text())
+                for role in _ROLES:
+                    value = config.get(role)
+                    value = value.get("content") if isinstance(value, dict) else value
+                    if isinstance(value, str):
+                        self.special[role] = value
+
+    def _role_id(self, *roles: str) -> int:
+        for role in roles:
+            if role in self.special and self.backend.token_to_id(self.special[role]) is not None:
+                return self.backend.token_to_id(self.special[role])
+        return -1
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def eos_id(self) -> int:
+        """-1 when the tokenizer names neither an eos nor a sep token."""
+        return self._role_id("eos_token", "sep_token")
+
+    @property
+    def pad_id(self) -> int:
+        return self._role_id("pad_token", "eos_token", "sep_token")
+
+    def piece_id(self, piece: str) -> int:
+        idx = self.backend.token_to_id(piece)
+        if idx is None:
+            raise KeyError(f"tokenizer has no piece {piece!r}")
+        return idx
+
+    @property
+    def fingerprint(self) -> str:
+        blob = (self.directory / self.main_file).read_bytes() + json.dumps(self.special, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()
+
+    def encode(self, text: str) -> list[int]:
+        return self.backend.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str], threads: int = 1) -> list[list[int]]:
+        return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.backend.decode(list(ids), skip_special_tokens=False)
+
+    @property
+    def file_names(self) -> list[str]:
+        return [name for name in HF_FILES if (self.directory / name).is_file()]
+
+    def save_files(self, directory: str | Path) -> list[Path]:
+        written = [Path(directory) / name for name in self.file_names]
+        for path in written:
+            shutil.copyfile(self.directory / path.name, path)
+        return written
+
+
+AnyTokenizer = Union[Tokenizer, HFTokenizer]
+
+
+def load_tokenizer(path: str | Path) -> AnyTokenizer:
+    """A SentencePiece ``.model`` file, or a Hugging Face tokenizer (its ``tokenizer.json``, or a
+    directory holding one, such as a model directory); a directory holding ``tokenizer.model``
+    only opens that."""
+    path = Path(path)
+    if path.is_dir():
+        if (path / HFTokenizer.main_file).is_file():
+            return HFTokenizer(path)
+        if (path / Tokenizer.main_file).is_file():
+            return Tokenizer.load(path / Tokenizer.main_file)
+        raise FileNotFoundError(f"{path}: holds no tokenizer.json (Hugging Face) or tokenizer.model (SentencePiece)")
+    if path.name == HFTokenizer.main_file:
+        return HFTokenizer(path.parent)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such tokenizer file")
+    return Tokenizer.load(path)
 
 
 def _training_lines(documents: Iterable[str], max_bytes: int) -> Iterator[str]:

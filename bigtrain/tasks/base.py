@@ -11,7 +11,7 @@ from torch import nn
 from bigtrain import dist
 from bigtrain.config import RunConfig
 from bigtrain.data.stream import PositionalStream
-from bigtrain.data.tokenizer import Tokenizer
+from bigtrain.data.tokenizer import AnyTokenizer
 from bigtrain.dist import DistInfo
 
 Batch = dict[str, torch.Tensor]
@@ -34,7 +34,7 @@ class Task:
 
     def __init__(self, cfg: RunConfig, info: DistInfo, log: Callable[[str], None]):
         self.cfg, self.info, self.log = cfg, info, log
-        self.tokenizer: Optional[Tokenizer] = None
+        self.tokenizer: Optional[AnyTokenizer] = None
 
     # -- data ----------------------------------------------------------------------------
     def prepare(self) -> None:
@@ -78,9 +78,9 @@ class Task:
         if self.info.is_main:
             model.config.to_json_file(files[0])
         if self.tokenizer is not None:
-            files.append(run_dir / "tokenizer.model")
+            files += [run_dir / name for name in self.tokenizer.file_names]
             if self.info.is_main:
-                self.tokenizer.save(files[-1])
+                self.tokenizer.save_files(run_dir)
         return tuple(files)
 
     def summary(self, val_loss: Optional[float]) -> list[str]:

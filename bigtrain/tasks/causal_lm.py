@@ -9,9 +9,10 @@ import torch
 from torch import nn
 
 from bigtrain.data.prepare import prepare_sources
+from bigtrain.data.sources import DataError
 from bigtrain.data.shards import PreparedData, open_prepared
 from bigtrain.data.stream import CausalLMStream, eval_batches
-from bigtrain.data.tokenizer import Tokenizer
+from bigtrain.data.tokenizer import load_tokenizer
 from bigtrain.models import build_causal_lm, flops_per_token
 from bigtrain.strategies.base import causal_lm_loss
 from bigtrain.tasks.base import Task
@@ -23,7 +24,7 @@ class CausalLMTask(Task):
     def prepare(self) -> None:
         roots = self.on_main(lambda: [str(d.root) for d in prepare_sources(self.cfg.data, log=self.log)])
         self.sources: list[PreparedData] = [open_prepared(root, verify="size") for root in roots]
-        self.tokenizer = Tokenizer.load(self.sources[0].tokenizer_path)
+        self.tokenizer = load_tokenizer(self.sources[0].tokenizer_path)
         self.tokens_per_sample = self.cfg.train.seq_len
 
     def stream_kwargs(self) -> dict:
@@ -43,7 +44,11 @@ class CausalLMTask(Task):
                 for data in self.sources]
 
     def build_model(self) -> nn.Module:
-        return build_causal_lm(self.cfg.model, self.sources[0].vocab_size, self.cfg.train.seq_len)
+        model = build_causal_lm(self.cfg.model, self.sources[0].vocab_size, self.cfg.train.seq_len)
+        if model.config.vocab_size < self.sources[0].vocab_size:
+            raise DataError(f"data.tokenizer: {self.sources[0].tokenizer_path} has {self.sources[0].vocab_size} "
+                            f"tokens, more than the model's vocabulary ({model.config.vocab_size})")
+        return model
 
     objective = staticmethod(causal_lm_loss)
 

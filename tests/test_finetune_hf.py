@@ -1,0 +1,108 @@
+"""Fine-tuning a Hugging Face checkpoint: the data is tokenized with the checkpoint's own
+tokenizer (not a freshly trained one), the run and its export carry that tokenizer, and
+mismatches are one-line errors. The checkpoint is a real HF directory written here
+(``save_pretrained`` of a GPT-2 model and a byte-level BPE fast tokenizer), as one from the Hub."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+from bigtrain.config import ConfigError, load_config
+from conftest import ROOT, read_jsonl, run_cli, train_args
+
+SAMPLE = "First Citizen:\nBefore we proceed any further, hear me speak."
+
+
+def hf_checkpoint(out: Path, text: str, model_vocab: int | None = None) -> Path:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([text], trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"],
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
+    fast.save_pretrained(out)
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=model_vocab or len(fast), n_layer=2, n_head=2, n_embd=64, n_positions=128,
+                        eos_token_id=fast.eos_token_id, bos_token_id=fast.eos_token_id)
+    GPT2LMHeadModel(config).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, tiny_text):
+    return hf_checkpoint(tmp_path_factory.mktemp("hf") / "gpt", tiny_text.read_text())
+
+
+def finetune(run_dir, cache_dir, tiny_text, pretrained, *extra):
+    return run_cli(*train_args(run_dir, cache_dir, tiny_text, f"model.pretrained={pretrained}",
+                               "train.sample_tokens=8", *extra))
+
+
+def test_finetune_uses_the_checkpoints_tokenizer_and_exports_it(tmp_path, cache_dir, tiny_text, checkpoint):
+    hf_tok = AutoTokenizer.from_pretrained(checkpoint)
+    first = tmp_path / "first"
+    proc = finetune(first, cache_dir, tiny_text, checkpoint, "train.max_steps=30")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    # the data was tokenized by the checkpoint's tokenizer: ids as AutoTokenizer gives them
+    prepared = next(p for p in (cache_dir / "data").iterdir() if (p / "tokenizer.json").is_file())
+    manifest = json.loads((prepared / "manifest.json").read_text())
+    assert manifest["tokenizer"]["type"] == "hf" and manifest["tokenizer"]["vocab_size"] == len(hf_tok)
+    tokens = np.fromfile(prepared / "train-00000.bin", dtype=manifest["dtype"])[:50].tolist()
+    assert tokens == hf_tok(tiny_text.read_text()[:1000], add_special_tokens=False)["input_ids"][:50]
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (first / name).read_bytes() == (checkpoint / name).read_bytes()
+        assert (first / "checkpoints" / "step-30" / name).is_file()
+
+    out = tmp_path / "exported"
+    proc = run_cli("export", str(first), "--to", "hf", str(out))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert not (out / "tokenizer.model").exists()
+    assert AutoTokenizer.from_pretrained(out)(SAMPLE)["input_ids"] == hf_tok(SAMPLE)["input_ids"]
+
+    # fine-tuning the export continues where the first run ended: same tokens, same weights
+    second = tmp_path / "second"
+    proc = finetune(second, cache_dir, tiny_text, out, "train.max_steps=2", "checkpoint.save_final=false")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    before, after = read_jsonl(first / "metrics.jsonl"), read_jsonl(second / "metrics.jsonl")
+    assert before[0]["loss"] == pytest.approx(np.log(len(hf_tok)), abs=0.3)  # the random checkpoint
+    assert after[0]["loss"] < before[0]["loss"] - 1.0
+    assert after[0]["loss"] == pytest.approx(np.mean([m["loss"] for m in before[-5:]]), abs=0.25)
+
+
+def test_tokenizer_larger_than_the_models_vocabulary_is_an_error(tmp_path, cache_dir, tiny_text):
+    small = hf_checkpoint(tmp_path / "small", tiny_text.read_text(), model_vocab=300)
+    proc = finetune(tmp_path / "run", cache_dir, tiny_text, small, "train.max_steps=2")
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: data.tokenizer: ") and last.endswith(
+        "/tokenizer.json has 400 tokens, more than the model's vocabulary (300)"), last
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_checkpoint_without_a_fast_tokenizer_is_an_error(tmp_path, cache_dir, tiny_text, checkpoint):
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (bare / name).write_bytes((checkpoint / name).read_bytes())
+    proc = finetune(tmp_path / "run", cache_dir, tiny_text, bare, "train.max_steps=2")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: data.tokenizer.path: {bare}: holds no tokenizer.json (Hugging Face) or tokenizer.model (SentencePiece)")
+
+
+def test_config_defaults_the_tokenizer_to_the_checkpoints_and_refuses_masked_lm(tmp_path):
+    cfg = load_config(ROOT / "configs" / "gpt-tiny.yaml", ["model.pretrained=/models/gpt"])
+    assert cfg.data.tokenizer.path == "/models/gpt"
+    own = load_config(ROOT / "configs" / "gpt-tiny.yaml", ["model.pretrained=/models/gpt", "data.tokenizer.path=/t.model"])
+    assert own.data.tokenizer.path == "/t.model"
+    with pytest.raises(ConfigError) as err:
+        load_config(ROOT / "configs" / "bert-tiny.yaml", ["model.pretrained=/models/bert"])
+    assert "model.pretrained: fine-tuning is supported for causal_lm" in str(err.value)
