@@ -3,7 +3,6 @@ failed saves, preemption, retention, HF export."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal

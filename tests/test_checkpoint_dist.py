@@ -8,14 +8,13 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from bigtrain.dist import free_port
-from conftest import OFFLINE_ENV, ROOT, read_jsonl, run_cli, train_args
-from test_checkpoint import losses, ok, same_weights, start, wait_for_step
+from conftest import OFFLINE_ENV, ROOT, run_cli, train_args
+from test_checkpoint import losses, ok, start, wait_for_step
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
 

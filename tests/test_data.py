@@ -1,7 +1,6 @@
 """Data preparation: tokenizer round trip, shards + manifest checksums, caching, bad input."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest

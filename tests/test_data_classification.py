@@ -4,14 +4,12 @@ import csv
 import hashlib
 import json
 
-import numpy as np
 import pytest
-import torch
 from torch.utils.data import DataLoader
 
 from bigtrain.data.classification import ClassificationStream, prepare_classification
 from bigtrain.data.sources import DataError
-from bigtrain.data.tokenizer import Tokenizer, train_tokenizer
+from bigtrain.data.tokenizer import train_tokenizer
 
 
 @pytest.fixture(scope="module")

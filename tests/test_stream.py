@@ -7,7 +7,6 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import DataLoader
 
 from bigtrain.config import DataSection
 from bigtrain.data.order import Mixture, SampleOrder
