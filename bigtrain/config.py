@@ -94,6 +94,11 @@ class DataSection(_Section):
     download: Optional[Literal["shakespeare", "digits", "synthetic-images"]] = None
     sources: Optional[list[DataSourceSection]] = None  # several inputs mixed by weight (instead of `path`)
     text_field: str = "text"  # the text field of .jsonl / column of .parquet, .tsv, HF datasets
+    # sequence_classification: the label field, the label set (default: the training records'
+    # distinct labels, sorted), and the held-out records (same fields as data.path)
+    label_field: str = "label"
+    labels: Optional[list[str]] = None
+    val_path: Optional[str] = None
     reader: Literal["native", "hf"] = "native"  # "hf": read files with datasets.load_dataset(streaming=True)
     on_bad_record: Literal["error", "skip"] = "error"
     val_fraction: float = Field(0.01, gt=0.0, lt=0.5)
@@ -343,12 +348,14 @@ TASK_MODELS = {  # what each task trains, and on which models
     "causal_lm": ("gpt2", "llama"),  # next-token prediction on packed text
     "masked_lm": ("bert",),  # BERT pretraining: masked tokens of packed text
     "image_classification": ("resnet",),  # labelled image sets
+    "sequence_classification": ("bert",),  # (text, label) records: fine-tuning, or from scratch
 }
+PACKED_TEXT_TASKS = ("causal_lm", "masked_lm")  # trained on prepared token shards
 
 
 class RunConfig(_Section):
     run: RunSection = RunSection()
-    task: Literal["causal_lm", "masked_lm", "image_classification"] = "causal_lm"
+    task: Literal["causal_lm", "masked_lm", "image_classification", "sequence_classification"] = "causal_lm"
     seed: int = 1337
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     model: ModelSection = ModelSection()
@@ -374,6 +381,12 @@ class RunConfig(_Section):
             raise ValueError("data.sources: mixtures are for text tasks; image_classification reads data.path")
         if images and not isinstance(self.data.path, str):
             raise ValueError("data.path: image_classification needs one directory (holding train/ and val/)")
+        if self.task == "sequence_classification" and (self.data.sources is not None or self.data.download):
+            raise ValueError("data: sequence_classification reads data.path (and data.val_path), "
+                             "not data.sources or data.download")
+        if self.data.val_path is not None and self.task != "sequence_classification":
+            raise ValueError(f"data.val_path: only for sequence_classification (task '{self.task}' "
+                             f"holds out part of data.path)")
         if self.model.pretrained and self.task == "masked_lm":
             raise ValueError("model.pretrained: fine-tuning is supported for causal_lm; masked_lm trains "
                              "bigtrain's BERT with its own SentencePiece vocabulary")
@@ -387,8 +400,13 @@ class RunConfig(_Section):
 
     @property
     def text_task(self) -> bool:
-        """Trains on prepared text (a tokenizer; the launcher prepares the data before the ranks start)."""
+        """Trains on text (with a tokenizer)."""
         return self.task != "image_classification"
+
+    @property
+    def packed_text(self) -> bool:
+        """Trains on prepared token shards (the launcher prepares them before the ranks start)."""
+        return self.task in PACKED_TEXT_TASKS
 
     @property
     def run_dir(self) -> Path:

@@ -23,7 +23,7 @@ from bigtrain.config import ConfigError, RunConfig, load_config
 from bigtrain.data.sources import DataError
 
 from bigtrain.exit_codes import BAD_INPUT as EXIT_BAD_INPUT
-from launcher.resources import check_data_path
+from launcher.resources import check_data_path, check_pretrained
 
 
 def _fail(message: str) -> int:
@@ -52,12 +52,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(shlex.join(cmd))
         return 0
-    if not cfg.text_task:  # image sets are written by the job itself (needs torch)
+    if not cfg.packed_text:  # image sets and record sets are written by the job itself (needs torch)
         check_data_path(cfg)
-    elif cfg.data.path is not None or cfg.data.sources:  # fail on bad data here, before any rank starts
-        from bigtrain.data.prepare import prepare_sources
+    else:  # fail on bad text here, before any rank starts
+        check_pretrained(cfg)
+        if cfg.data.path is not None or cfg.data.sources:
+            from bigtrain.data.prepare import prepare_sources
 
-        prepare_sources(cfg.data)
+            prepare_sources(cfg.data)
     sys.stdout.flush()
     os.execvpe(cmd[0], cmd, env)
     return 0  # not reached

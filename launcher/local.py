@@ -63,7 +63,7 @@ def launch(config: str, overrides: list[str], *, nnodes: Optional[int] = None, n
         return 0
 
     check_data_path(cfg)
-    if node_rank == 0 and cfg.data.path is not None and cfg.text_task:  # fail on bad data here, before any rank starts
+    if node_rank == 0 and cfg.data.path is not None and cfg.packed_text:  # fail on bad data here, before any rank starts
         from bigtrain.data.prepare import prepare
 
         prepare(cfg.data)

@@ -69,20 +69,36 @@ def job_env(cfg: RunConfig) -> dict[str, str]:
     return out
 
 
+def check_pretrained(cfg: RunConfig, base: Optional[Path] = None) -> None:
+    """model.pretrained, when set, is a Hugging Face model directory."""
+    if cfg.model.pretrained:
+        pretrained = Path(os.path.expanduser(cfg.model.pretrained))
+        if not pretrained.is_absolute() and base is not None:
+            pretrained = base / pretrained
+        if not (pretrained / "config.json").is_file():
+            raise ConfigError(f"model.pretrained: {cfg.model.pretrained} is not a Hugging Face model directory "
+                              f"(no config.json)")
+
+
 def check_data_path(cfg: RunConfig, base: Optional[Path] = None) -> None:
-    """A missing data.path (that will not be downloaded) is an error now, not on the compute node."""
+    """A missing data.path (that will not be downloaded) or model.pretrained directory is an error
+    now, not on the compute node."""
+    check_pretrained(cfg, base)
     if cfg.data.path is None or cfg.data.download:
         return
     paths = cfg.data.path if isinstance(cfg.data.path, list) else [cfg.data.path]
-    for item in paths:
+    checks = [("data.path", item) for item in paths]
+    if cfg.data.val_path:
+        checks.append(("data.val_path", cfg.data.val_path))
+    for key, item in checks:
         path = Path(os.path.expanduser(item))
         if not path.is_absolute() and base is not None:
             path = base / path
         if glob.has_magic(str(path)):
             if not glob.glob(str(path), recursive=True):
-                raise ConfigError(f"data.path: no files match {item}")
+                raise ConfigError(f"{key}: no files match {item}")
         elif not path.exists():
-            raise ConfigError(f"data.path: {item} does not exist")
+            raise ConfigError(f"{key}: {item} does not exist")
         elif not cfg.text_task and not (path / "train").is_dir():
             raise ConfigError(f"data.path: {item} has no train/ image set (expected train/ and val/ "
                               f"directories; or set data.download)")

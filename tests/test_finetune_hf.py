@@ -106,3 +106,16 @@ def test_config_defaults_the_tokenizer_to_the_checkpoints_and_refuses_masked_lm(
     with pytest.raises(ConfigError) as err:
         load_config(ROOT / "configs" / "bert-tiny.yaml", ["model.pretrained=/models/bert"])
     assert "model.pretrained: fine-tuning is supported for causal_lm" in str(err.value)
+
+
+def test_missing_checkpoint_or_records_fail_in_the_launcher(tmp_path):
+    gone = tmp_path / "no-model"
+    proc = run_cli("train", str(ROOT / "configs" / "gpt-tiny.yaml"), f"model.pretrained={gone}")
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"error: model.pretrained: {gone} is not a Hugging Face model directory (no config.json)"
+    records = tmp_path / "train.tsv"
+    records.write_text("label\tsentence\n1\tfine\n")
+    proc = run_cli("train", str(ROOT / "configs" / "bert-classifier-tiny.yaml"), f"data.path={records}",
+                   f"data.val_path={tmp_path / 'dev.tsv'}")
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"error: data.val_path: {tmp_path / 'dev.tsv'} does not exist"

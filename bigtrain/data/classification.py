@@ -8,9 +8,12 @@ given set, a line that is not JSON or a row with missing columns raises :class:`
 naming the file and line (``on_bad_record="skip"`` counts and skips it, and logs how many).
 
 A prepared record set is a directory: ``tokens.bin`` (all records' token ids back to back),
-``offsets.npy`` (int64, N + 1), ``labels.npy`` (int64), ``tokenizer.model`` and ``manifest.json``
-(written last, then the directory is renamed into place). :class:`ClassificationStream` pads each
-micro-batch to its longest record.
+``offsets.npy`` (int64, N + 1), ``labels.npy`` (int64), the tokenizer's files (``tokenizer.model``,
+or a Hugging Face ``tokenizer.json`` + config) and ``manifest.json`` (written last, then the
+directory is renamed into place). A Hugging Face tokenizer encodes with the model's own special
+tokens (BERT: ``[CLS] text [SEP]``); with a SentencePiece model :class:`ClassificationStream`
+prepends ``<cls>``. The stream pads each micro-batch to its longest record.
+:func:`prepare_cached` keys record sets by the content of their inputs and settings.
 
 Bucketing (``bucket=True``): the global batch of a step (the same positions as without
 bucketing) is sorted by record length (stably) and cut into groups of ``micro_batch``; group
@@ -23,6 +26,7 @@ resuming, with any world size, is exact.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -34,9 +38,9 @@ import torch
 
 from bigtrain.data.order import SampleOrder
 from bigtrain.data.shards import MANIFEST, check_files, load_manifest, sha256_file, token_dtype
-from bigtrain.data.sources import BadRecords, DataError, jsonl_records, tsv_rows
+from bigtrain.data.sources import BadRecords, DataError, content_fingerprint, jsonl_records, resolve_files, tsv_rows
 from bigtrain.data.stream import PositionalStream
-from bigtrain.data.tokenizer import Tokenizer
+from bigtrain.data.tokenizer import AnyTokenizer, load_tokenizer
 
 FORMAT = "bigtrain-records/1"
 
@@ -66,7 +70,7 @@ def _label_order(found: set[str]) -> list[str]:
         return sorted(found)
 
 
-def prepare_classification(files: Sequence[str | Path], tokenizer: Tokenizer, out_dir: str | Path,
+def prepare_classification(files: Sequence[str | Path], tokenizer: AnyTokenizer, out_dir: str | Path,
                            labels: Optional[Sequence[str]] = None, text_field: str = "text",
                            label_field: str = "label", on_bad_record: str = "error",
                            log=print) -> dict[str, Any]:
@@ -87,7 +91,10 @@ def prepare_classification(files: Sequence[str | Path], tokenizer: Tokenizer, ou
         raise DataError(f"{files[0]}: no usable records")
     if bad.count:
         log(f"data: {bad.summary()}")
-    ids = tokenizer.encode_batch([t for t, _ in kept], threads=os.cpu_count() or 1)
+    texts = [t for t, _ in kept]
+    specials = tokenizer.kind == "hf"
+    ids = (tokenizer.encode_batch(texts, special=True) if specials
+           else tokenizer.encode_batch(texts, threads=os.cpu_count() or 1))
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
@@ -99,12 +106,13 @@ def prepare_classification(files: Sequence[str | Path], tokenizer: Tokenizer, ou
         np.save(tmp / "offsets.npy", np.concatenate([[0], np.cumsum([len(x) for x in ids])]).astype(np.int64))
         label_ids = np.array([lab for _, lab in kept], dtype=np.int64)
         np.save(tmp / "labels.npy", label_ids)
-        tokenizer.save(tmp / "tokenizer.model")
+        tokenizer.save_files(tmp)
         files_meta = {n: {"bytes": (tmp / n).stat().st_size, "sha256": sha256_file(tmp / n)}
-                      for n in ("tokens.bin", "offsets.npy", "labels.npy", "tokenizer.model")}
+                      for n in ("tokens.bin", "offsets.npy", "labels.npy", *tokenizer.file_names)}
         manifest = {"format": FORMAT, "records": len(kept), "labels": names, "dtype": dtype.str,
                     "label_counts": np.bincount(label_ids, minlength=len(names)).tolist(),
-                    "tokenizer_sha256": tokenizer.fingerprint, "bad_records_skipped": bad.count,
+                    "tokenizer_sha256": tokenizer.fingerprint, "tokenizer_file": tokenizer.main_file,
+                    "special_tokens_added": specials, "bad_records_skipped": bad.count,
                     "sources": [{"path": str(f), "bytes": Path(f).stat().st_size, "sha256": sha256_file(Path(f))}
                                 for f in files],
                     "files": files_meta}
@@ -116,6 +124,29 @@ def prepare_classification(files: Sequence[str | Path], tokenizer: Tokenizer, ou
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest
+
+
+def prepare_cached(path, tokenizer: AnyTokenizer, cache_root: Path, labels: Optional[Sequence[str]] = None,
+                   text_field: str = "text", label_field: str = "label", on_bad_record: str = "error",
+                   log=print) -> Path:
+    """The record set of the files at ``path`` (a file, directory or glob), prepared into
+    ``cache_root/<content hash>`` unless it already is there."""
+    files = resolve_files(path)
+    key = {"format": FORMAT, "inputs": content_fingerprint(files), "tokenizer": tokenizer.fingerprint,
+           "labels": list(labels) if labels is not None else None, "text_field": text_field,
+           "label_field": label_field, "on_bad_record": on_bad_record}
+    root = Path(cache_root) / hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    if (root / MANIFEST).is_file():
+        log(f"data: using prepared records {root} (cached by content hash)")
+        return root
+    manifest = prepare_classification(files, tokenizer, root, labels, text_field, label_field, on_bad_record, log)
+    log(f"data: {manifest['records']:,} records, labels {manifest['labels']} -> {root}")
+    return root
+
+
+def records_tokenizer(root: Path, manifest: dict[str, Any]) -> Path:
+    """The tokenizer file of a record set (``tokenizer.json`` or ``tokenizer.model``)."""
+    return Path(root) / manifest.get("tokenizer_file", "tokenizer.model")
 
 
 def open_records(root: str | Path, verify: str = "size") -> dict[str, Any]:
@@ -134,7 +165,8 @@ class ClassificationStream(PositionalStream):
         super().__init__(global_batch, micro_batch, rank, world_size)
         self.root = Path(root)
         self.manifest = open_records(self.root)
-        tok = Tokenizer.load(self.root / "tokenizer.model")
+        tok = load_tokenizer(records_tokenizer(self.root, self.manifest))
+        add_cls = add_cls and not self.manifest.get("special_tokens_added", False)
         self.pad_id, self.cls_id = tok.pad_id, tok.piece_id("<cls>") if add_cls else None
         self.seed, self.max_len, self.bucket = seed, max_len, bucket
         self.order = SampleOrder(self.manifest["records"], seed, shuffle_buffer=shuffle_buffer, shuffle=shuffle)

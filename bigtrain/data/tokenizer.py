@@ -146,8 +146,9 @@ class HFTokenizer:
     def encode(self, text: str) -> list[int]:
         return self.backend.encode(text, add_special_tokens=False).ids
 
-    def encode_batch(self, texts: list[str], threads: int = 1) -> list[list[int]]:
-        return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=False)]
+    def encode_batch(self, texts: list[str], threads: int = 1, special: bool = False) -> list[list[int]]:
+        """``special``: with the model's own special tokens (BERT: ``[CLS] text [SEP]``)."""
+        return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=special)]
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=False)

@@ -1,9 +1,12 @@
-"""BERT-style encoders (masked-LM pretraining) built from Hugging Face ``transformers`` classes."""
+"""BERT-style encoders (masked-LM pretraining, sequence classification) built from Hugging Face
+``transformers`` classes."""
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
-from transformers import AutoModelForMaskedLM, BertConfig, PreTrainedModel
+from transformers import AutoModelForMaskedLM, AutoModelForSequenceClassification, BertConfig, PreTrainedModel
 
 from bigtrain.config import ModelSection
 from bigtrain.models.gpt import load_pretrained
@@ -24,3 +27,17 @@ def build_masked_lm(cfg: ModelSection, vocab_size: int, seq_len: int, pad_id: in
     if cfg.pretrained:
         return load_pretrained(AutoModelForMaskedLM, cfg.pretrained)
     return AutoModelForMaskedLM.from_config(bert_config(cfg, vocab_size, seq_len, pad_id), dtype=torch.float32)
+
+
+def build_sequence_classifier(cfg: ModelSection, vocab_size: int, seq_len: int, pad_id: int,
+                              labels: Sequence[str]) -> PreTrainedModel:
+    """A ``BertForSequenceClassification`` over ``labels``: ``cfg.pretrained``'s encoder (a fresh
+    classification head when the checkpoint has none or another label count), or freshly
+    initialised (seed the RNG first)."""
+    names = {"id2label": dict(enumerate(labels)), "label2id": {name: i for i, name in enumerate(labels)}}
+    if cfg.pretrained:
+        return load_pretrained(AutoModelForSequenceClassification, cfg.pretrained, num_labels=len(labels),
+                               ignore_mismatched_sizes=True, **names)
+    config = bert_config(cfg, vocab_size, seq_len, pad_id)
+    config.update({"num_labels": len(labels), **names})
+    return AutoModelForSequenceClassification.from_config(config, dtype=torch.float32)

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, PreTrainedModel
 
-from bigtrain.config import ModelSection
+from bigtrain.config import ConfigError, ModelSection
 
 
 def hf_config(cfg: ModelSection, vocab_size: int, seq_len: int):
@@ -33,12 +33,12 @@ def hf_config(cfg: ModelSection, vocab_size: int, seq_len: int):
     )
 
 
-def load_pretrained(auto_class, directory: str):
+def load_pretrained(auto_class, directory: str, **kwargs):
     """``auto_class.from_pretrained`` on a local Hugging Face directory, in fp32 (no Hub access)."""
     path = Path(directory)
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"model.pretrained: '{path}' is not a Hugging Face model directory (no config.json)")
-    return auto_class.from_pretrained(path, local_files_only=True, dtype=torch.float32)
+        raise ConfigError(f"model.pretrained: {directory} is not a Hugging Face model directory (no config.json)")
+    return auto_class.from_pretrained(path, local_files_only=True, dtype=torch.float32, **kwargs)
 
 
 def build_causal_lm(cfg: ModelSection, vocab_size: int, seq_len: int) -> PreTrainedModel:

@@ -15,6 +15,7 @@ TASKS = {
     "causal_lm": ("bigtrain.tasks.causal_lm", "CausalLMTask"),
     "masked_lm": ("bigtrain.tasks.masked_lm", "MaskedLMTask"),
     "image_classification": ("bigtrain.tasks.image_classification", "ImageClassificationTask"),
+    "sequence_classification": ("bigtrain.tasks.sequence_classification", "SequenceClassificationTask"),
 }
 
 

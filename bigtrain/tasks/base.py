@@ -6,10 +6,12 @@ from pathlib import Path
 from typing import Callable, Iterable, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from bigtrain import dist
 from bigtrain.config import RunConfig
+from bigtrain.data.sources import DataError
 from bigtrain.data.stream import PositionalStream
 from bigtrain.data.tokenizer import AnyTokenizer
 from bigtrain.dist import DistInfo
@@ -24,6 +26,13 @@ def first_eval_batches(stream: PositionalStream, max_batches: int) -> Iterable[B
     dropped), at least one."""
     for index in range(min(max_batches, max(1, stream.num_samples // stream.global_batch))):
         yield stream.micro_batch_at(index)
+
+
+def check_vocabulary(model: nn.Module, tokenizer_vocab: int, where: Path) -> None:
+    """The model embeds every id the tokenizer produces, or a one-line DataError."""
+    if model.config.vocab_size < tokenizer_vocab:
+        raise DataError(f"data.tokenizer: {where} has {tokenizer_vocab} tokens, more than the model's "
+                        f"vocabulary ({model.config.vocab_size})")
 
 
 class Task:
@@ -90,3 +99,27 @@ class Task:
     def on_main(self, make: Callable[[], object]) -> object:
         """Collective: see :func:`bigtrain.dist.run_on_main`."""
         return dist.run_on_main(make, self.info.is_main)
+
+
+class ClassificationTask(Task):
+    """Tasks that score class logits: cross-entropy; ``val_loss`` and ``val_accuracy``."""
+
+    @staticmethod
+    def logits_and_labels(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """fp32 logits ``[batch, classes]`` and the labels of a micro-batch."""
+        raise NotImplementedError
+
+    @classmethod
+    def objective(cls, model, batch):
+        return F.cross_entropy(*cls.logits_and_labels(model, batch))
+
+    @classmethod
+    def eval_stats(cls, model, batch):
+        logits, labels = cls.logits_and_labels(model, batch)
+        loss = F.cross_entropy(logits, labels, reduction="sum")
+        correct = (logits.argmax(-1) == labels).sum().to(loss.dtype)
+        return torch.stack([loss, torch.tensor(float(len(labels)), device=loss.device), correct])
+
+    def eval_metrics(self, sums):
+        total = sums[0]
+        return {"val_loss": float(total[0] / total[1]), "val_accuracy": float(total[2] / total[1])}

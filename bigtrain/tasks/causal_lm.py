@@ -9,13 +9,12 @@ import torch
 from torch import nn
 
 from bigtrain.data.prepare import prepare_sources
-from bigtrain.data.sources import DataError
 from bigtrain.data.shards import PreparedData, open_prepared
 from bigtrain.data.stream import CausalLMStream, eval_batches
 from bigtrain.data.tokenizer import load_tokenizer
 from bigtrain.models import build_causal_lm, flops_per_token
 from bigtrain.strategies.base import causal_lm_loss
-from bigtrain.tasks.base import Task
+from bigtrain.tasks.base import Task, check_vocabulary
 
 
 class CausalLMTask(Task):
@@ -45,9 +44,7 @@ class CausalLMTask(Task):
 
     def build_model(self) -> nn.Module:
         model = build_causal_lm(self.cfg.model, self.sources[0].vocab_size, self.cfg.train.seq_len)
-        if model.config.vocab_size < self.sources[0].vocab_size:
-            raise DataError(f"data.tokenizer: {self.sources[0].tokenizer_path} has {self.sources[0].vocab_size} "
-                            f"tokens, more than the model's vocabulary ({model.config.vocab_size})")
+        check_vocabulary(model, self.sources[0].vocab_size, self.sources[0].tokenizer_path)
         return model
 
     objective = staticmethod(causal_lm_loss)

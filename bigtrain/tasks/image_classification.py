@@ -9,20 +9,19 @@ both splits are normalized with the train set's per-channel statistics.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from bigtrain.data.images import ImageStream, image_splits, open_images
 from bigtrain.models import build_resnet, training_flops
-from bigtrain.tasks.base import Task, first_eval_batches
+from bigtrain.tasks.base import ClassificationTask, first_eval_batches
 
 
-def _logits_and_labels(model: nn.Module, batch) -> tuple[torch.Tensor, torch.Tensor]:
-    return model(pixel_values=batch["images"]).logits.float(), batch["labels"]
-
-
-class ImageClassificationTask(Task):
+class ImageClassificationTask(ClassificationTask):
     auto_class = "AutoModelForImageClassification"
+
+    @staticmethod
+    def logits_and_labels(model, batch):
+        return model(pixel_values=batch["images"]).logits.float(), batch["labels"]
 
     def prepare(self) -> None:
         data = self.cfg.data
@@ -48,22 +47,6 @@ class ImageClassificationTask(Task):
     def build_model(self) -> nn.Module:
         _, channels, _, _ = self.manifest["shape"]
         return build_resnet(self.cfg.model, channels, self.manifest["num_classes"])
-
-    @staticmethod
-    def objective(model, batch):
-        logits, labels = _logits_and_labels(model, batch)
-        return F.cross_entropy(logits, labels)
-
-    @staticmethod
-    def eval_stats(model, batch):
-        logits, labels = _logits_and_labels(model, batch)
-        loss = F.cross_entropy(logits, labels, reduction="sum")
-        correct = (logits.argmax(-1) == labels).sum().to(loss.dtype)
-        return torch.stack([loss, torch.tensor(float(len(labels)), device=loss.device), correct])
-
-    def eval_metrics(self, sums):
-        total = sums[0]
-        return {"val_loss": float(total[0] / total[1]), "val_accuracy": float(total[2] / total[1])}
 
     def flops_per_sample(self, model):
         _, c, h, w = self.manifest["shape"]
