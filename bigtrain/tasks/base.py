@@ -102,7 +102,23 @@ class Task:
 
 
 class ClassificationTask(Task):
-    """Tasks that score class logits: cross-entropy; ``val_loss`` and ``val_accuracy``."""
+    """Tasks that score class logits: cross-entropy; ``val_loss`` and ``val_accuracy``. Their
+    ``prepare`` sets ``train_root`` and ``val_root`` (None: no validation set)."""
+
+    train_root = val_root = None
+
+    def stream(self, root, global_batch: int, train: bool) -> PositionalStream:
+        """This rank's stream over the set at ``root`` (``train``: shuffled, augmented)."""
+        raise NotImplementedError
+
+    def train_stream(self) -> PositionalStream:
+        return self.stream(self.train_root, self.cfg.train.global_batch_size, train=True)
+
+    def eval_sets(self):
+        if self.val_root is None:
+            return []
+        stream = self.stream(self.val_root, self.cfg.train.micro_batch_size * self.info.world_size, train=False)
+        return [first_eval_batches(stream, self.cfg.train.eval_batches)]
 
     @staticmethod
     def logits_and_labels(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:

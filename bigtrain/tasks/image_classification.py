@@ -13,7 +13,7 @@ from torch import nn
 
 from bigtrain.data.images import ImageStream, image_splits, open_images
 from bigtrain.models import build_resnet, training_flops
-from bigtrain.tasks.base import ClassificationTask, first_eval_batches
+from bigtrain.tasks.base import ClassificationTask
 
 
 class ImageClassificationTask(ClassificationTask):
@@ -29,20 +29,11 @@ class ImageClassificationTask(ClassificationTask):
         self.train_root, self.val_root = splits["train"], splits.get("val")
         self.manifest = open_images(self.train_root)
 
-    def _stream(self, root: str, global_batch: int, train: bool) -> ImageStream:
+    def stream(self, root: str, global_batch: int, train: bool) -> ImageStream:
         cfg, info = self.cfg, self.info
         return ImageStream(root, global_batch, cfg.train.micro_batch_size, info.rank, info.world_size, cfg.seed,
                            augment=train and cfg.data.augment, shuffle=train and cfg.data.shuffle,
                            shuffle_buffer=cfg.data.shuffle_buffer, normalize_with=self.train_root)
-
-    def train_stream(self) -> ImageStream:
-        return self._stream(self.train_root, self.cfg.train.global_batch_size, train=True)
-
-    def eval_sets(self):
-        if self.val_root is None:
-            return []
-        stream = self._stream(self.val_root, self.cfg.train.micro_batch_size * self.info.world_size, train=False)
-        return [first_eval_batches(stream, self.cfg.train.eval_batches)]
 
     def build_model(self) -> nn.Module:
         _, channels, _, _ = self.manifest["shape"]

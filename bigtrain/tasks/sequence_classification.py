@@ -25,7 +25,7 @@ from bigtrain.data.prepare import default_cache_dir, open_tokenizer
 from bigtrain.data.sources import BadRecords, DataError, resolve_files
 from bigtrain.data.tokenizer import load_tokenizer, train_tokenizer
 from bigtrain.models import build_sequence_classifier, training_flops
-from bigtrain.tasks.base import ClassificationTask, check_vocabulary, first_eval_batches
+from bigtrain.tasks.base import ClassificationTask, check_vocabulary
 
 
 class SequenceClassificationTask(ClassificationTask):
@@ -61,20 +61,11 @@ class SequenceClassificationTask(ClassificationTask):
         val = prepare_cached(data.val_path, tokenizer, cache, open_records(train)["labels"], **fields)
         return str(train), str(val)
 
-    def _stream(self, root: Path, global_batch: int, train: bool) -> ClassificationStream:
+    def stream(self, root: Path, global_batch: int, train: bool) -> ClassificationStream:
         cfg, info = self.cfg, self.info
         return ClassificationStream(root, global_batch, cfg.train.micro_batch_size, info.rank, info.world_size,
                                     cfg.seed, max_len=cfg.train.seq_len, shuffle=train and cfg.data.shuffle,
                                     shuffle_buffer=cfg.data.shuffle_buffer)
-
-    def train_stream(self) -> ClassificationStream:
-        return self._stream(self.train_root, self.cfg.train.global_batch_size, train=True)
-
-    def eval_sets(self):
-        if self.val_root is None:
-            return []
-        stream = self._stream(self.val_root, self.cfg.train.micro_batch_size * self.info.world_size, train=False)
-        return [first_eval_batches(stream, self.cfg.train.eval_batches)]
 
     def build_model(self) -> nn.Module:
         model = build_sequence_classifier(self.cfg.model, self.tokenizer.vocab_size, self.cfg.train.seq_len,
