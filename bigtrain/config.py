@@ -388,8 +388,8 @@ class RunConfig(_Section):
             raise ValueError(f"data.val_path: only for sequence_classification (task '{self.task}' "
                              f"holds out part of data.path)")
         if self.model.pretrained and self.task == "masked_lm":
-            raise ValueError("model.pretrained: fine-tuning is supported for causal_lm; masked_lm trains "
-                             "bigtrain's BERT with its own SentencePiece vocabulary")
+            raise ValueError("model.pretrained: fine-tuning is supported for causal_lm and sequence_classification; "
+                             "masked_lm trains bigtrain's BERT with its own SentencePiece vocabulary")
         if self.model.pretrained and self.text_task and self.data.tokenizer.path is None:
             # a checkpoint only makes sense with the tokenizer it was trained with
             self.data.tokenizer.path = self.model.pretrained

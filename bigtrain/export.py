@@ -6,7 +6,8 @@ Writes ``config.json``, ``model.safetensors`` (consolidated from shards), ``gene
 and the tokenizer for ``AutoTokenizer`` (text tasks: the run's Hugging Face tokenizer files as they
 were, or a ``tokenizer.json`` converted from bigtrain's SentencePiece ``tokenizer.model``, which is
 copied too), then reloads the directory with the task's Auto class
-(``AutoModelForCausalLM``, ``AutoModelForMaskedLM``, ``AutoModelForImageClassification``) and
+(``AutoModelForCausalLM``, ``AutoModelForMaskedLM``, ``AutoModelForSequenceClassification``,
+``AutoModelForImageClassification``) and
 checks that it gives the same logits as the checkpointed model.
 """
 

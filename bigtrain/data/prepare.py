@@ -1,4 +1,5 @@
-"""``bigtrain data prepare``: raw text -> tokenizer (trained SentencePiece, or ``data.tokenizer.path``) + binary token shards.
+"""``bigtrain data prepare``: raw text -> a tokenizer (a trained SentencePiece model, or the one
+at ``data.tokenizer.path``) + binary token shards.
 
 The output directory is keyed by a content hash of the inputs and the tokenizer settings, so
 preparing the same data twice is a no-op, and ``bigtrain train`` can prepare on first use.
