@@ -135,6 +135,8 @@ def train(cfg: RunConfig) -> TrainResult:
     tracker = Tracker(cfg, run_dir, info.is_main, start_step)
     tracker.log(f"run {cfg.run.name}: {cfg.task}, {n_params / 1e6:.2f}M params, strategy {strategy.name} x {info.world_size} "
                 f"({info.device.type}/{info.backend}), precision {cfg.precision}, run dir {run_dir}")
+    if cfg.model.pretrained:
+        tracker.log(f"fine-tuning {cfg.model.pretrained} (tokenizer: {cfg.data.tokenizer.path})")
     if resumed_from:
         tracker.log(f"resumed from {resumed_from} at step {start_step}")
 

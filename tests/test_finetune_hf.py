@@ -51,6 +51,7 @@ def test_finetune_uses_the_checkpoints_tokenizer_and_exports_it(tmp_path, cache_
     first = tmp_path / "first"
     proc = finetune(first, cache_dir, tiny_text, checkpoint, "train.max_steps=30")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert f"fine-tuning {checkpoint} (tokenizer: {checkpoint})" in proc.stdout
     # the data was tokenized by the checkpoint's tokenizer: ids as AutoTokenizer gives them
     prepared = next(p for p in (cache_dir / "data").iterdir() if (p / "tokenizer.json").is_file())
     manifest = json.loads((prepared / "manifest.json").read_text())

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, PreTrainedModel
+from transformers.utils import logging as hf_logging
 
 from bigtrain.config import ConfigError, ModelSection
 
@@ -38,6 +39,7 @@ def load_pretrained(auto_class, directory: str, **kwargs):
     path = Path(directory)
     if not (path / "config.json").is_file():
         raise ConfigError(f"model.pretrained: {directory} is not a Hugging Face model directory (no config.json)")
+    hf_logging.disable_progress_bar()  # one bar per rank, in every job log
     return auto_class.from_pretrained(path, local_files_only=True, dtype=torch.float32, **kwargs)
 
 
