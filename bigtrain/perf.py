@@ -1,4 +1,5 @@
-"""Peak FLOP/s of the device, the denominator of MFU."""
+"""Peak FLOP/s of the device, the denominator of MFU, and how much slower low precision runs on
+a CPU without native support for it."""
 
 from __future__ import annotations
 
@@ -13,9 +14,8 @@ from bigtrain.dist import LOW_PRECISION
 _GPU_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "V100": 125e12}
 
 
-@functools.lru_cache(maxsize=None)
-def measured_matmul_flops(device_type: str, dtype: torch.dtype, n: int = 2048, repeats: int = 10) -> float:
-    """Best-of-``repeats`` n x n matmul FLOP/s on this device (what MFU on CPU is relative to)."""
+def _matmul_seconds(device_type: str, dtype: torch.dtype, n: int, repeats: int) -> float:
+    """Best-of-``repeats`` time of one n x n matmul (after a warm-up one)."""
     a = torch.randn(n, n, device=device_type).to(dtype)
     b = torch.randn(n, n, device=device_type).to(dtype)
     torch.matmul(a, b)
@@ -28,7 +28,22 @@ def measured_matmul_flops(device_type: str, dtype: torch.dtype, n: int = 2048, r
         if device_type == "cuda":
             torch.cuda.synchronize()
         best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best
+    return best
+
+
+@functools.lru_cache(maxsize=None)
+def measured_matmul_flops(device_type: str, dtype: torch.dtype, max_n: int = 2048, budget_s: float = 0.05,
+                          repeats: int = 5) -> float:
+    """The best n x n matmul FLOP/s on this device (what MFU on CPU is relative to). n doubles
+    from 256 up to ``max_n`` while one matmul takes under ``budget_s``, so a slow path (bf16 on a
+    CPU without bf16 instructions: ~1 GFLOP/s) costs about a second to measure, not minutes."""
+    n, best = 256, 0.0
+    while True:
+        seconds = _matmul_seconds(device_type, dtype, n, repeats)
+        best = max(best, 2 * n**3 / seconds)
+        if n >= max_n or seconds > budget_s:
+            return best
+        n *= 2
 
 
 def peak_flops(device: torch.device, precision: str) -> float:
@@ -39,3 +54,11 @@ def peak_flops(device: torch.device, precision: str) -> float:
                 return value if precision != "fp32" else value / 2
     dtype = LOW_PRECISION.get(precision, torch.float32)
     return measured_matmul_flops(device.type, dtype)
+
+
+def cpu_low_precision_slowdown(device: torch.device, precision: str) -> float:
+    """How many times slower a matmul runs in ``precision`` than in fp32 on this CPU (1.0 on GPUs
+    and for fp32). Above ~2, the CPU has no native kernels for it (bf16 needs AVX512-BF16 or AMX)."""
+    if device.type != "cpu" or precision not in LOW_PRECISION:
+        return 1.0
+    return measured_matmul_flops("cpu", torch.float32) / measured_matmul_flops("cpu", LOW_PRECISION[precision])

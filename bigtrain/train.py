@@ -28,7 +28,7 @@ from bigtrain.data.sources import DataError
 from bigtrain.data.stream import StatefulLoader
 from bigtrain.optim import lr_at
 from bigtrain.preemption import Preemption
-from bigtrain.perf import peak_flops
+from bigtrain.perf import cpu_low_precision_slowdown, peak_flops
 from bigtrain.sample import sample_text
 from bigtrain.strategies import build_strategy
 from bigtrain.tasks import Task, build_task
@@ -135,6 +135,10 @@ def train(cfg: RunConfig) -> TrainResult:
     tracker = Tracker(cfg, run_dir, info.is_main, start_step)
     tracker.log(f"run {cfg.run.name}: {cfg.task}, {n_params / 1e6:.2f}M params, strategy {strategy.name} x {info.world_size} "
                 f"({info.device.type}/{info.backend}), precision {cfg.precision}, run dir {run_dir}")
+    slowdown = cpu_low_precision_slowdown(info.device, cfg.precision)
+    if slowdown > 2:
+        tracker.log(f"warning: precision {cfg.precision}: a matmul runs {slowdown:.0f}x slower than in fp32 on this CPU "
+                    f"(no native {cfg.precision} instructions); training will be slow: use precision=fp32 here")
     if cfg.model.pretrained:
         tracker.log(f"fine-tuning {cfg.model.pretrained} (tokenizer: {cfg.data.tokenizer.path})")
     if resumed_from:

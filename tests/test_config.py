@@ -17,7 +17,8 @@ def test_recipe_loads_with_defaults_and_name_from_file():
     cfg = load_config(ROOT / "configs" / "gpt-tiny.yaml")
     assert cfg.run.name == "gpt-tiny"
     assert cfg.model.d_model == 256 and cfg.model.n_layer == 4
-    assert cfg.precision == "bf16"  # from base.yaml
+    assert cfg.precision == "fp32"  # from base.yaml
+    assert load_config(ROOT / "configs" / "gpt2-small.yaml").precision == "bf16"  # a GPU recipe
     assert cfg.schedule.warmup_steps == 20  # from base.yaml
     assert cfg.run_dir == Path("runs/gpt-tiny")
 

@@ -3,7 +3,9 @@
 import json
 
 import pytest
+import torch
 
+from bigtrain.perf import measured_matmul_flops
 from conftest import read_jsonl, run_cli, train_args
 
 
@@ -81,9 +83,13 @@ def test_bf16_and_activation_checkpointing_train(tmp_path, cache_dir, tiny_text)
                       "strategy.activation_checkpointing=true")
     lb = [m["loss"] for m in read_jsonl(base / "metrics.jsonl")]
     assert [m["loss"] for m in read_jsonl(ac / "metrics.jsonl")] == pytest.approx(lb, abs=1e-5)
-    bf, _ = train_run(tmp_path, "bf", cache_dir, tiny_text, "train.max_steps=4", "checkpoint.save_final=false",
-                      "precision=bf16")
+    bf, proc = train_run(tmp_path, "bf", cache_dir, tiny_text, "train.max_steps=4", "checkpoint.save_final=false",
+                         "precision=bf16")
     assert [m["loss"] for m in read_jsonl(bf / "metrics.jsonl")] == pytest.approx(lb, abs=5e-2)
+    # a CPU without bf16 instructions runs bf16 matmuls ~100x slower than fp32: the run says so
+    # (the measurement itself stays cheap); with native bf16 (AVX512-BF16, AMX) it does not
+    slow = measured_matmul_flops("cpu", torch.float32) > 2 * measured_matmul_flops("cpu", torch.bfloat16)
+    assert ("warning: precision bf16: a matmul runs" in proc.stdout) == slow, proc.stdout[-2000:]
 
 
 def test_wandb_offline_logs_metrics_and_a_resumed_run_continues_the_same_wandb_run(tmp_path, cache_dir, tiny_text):
