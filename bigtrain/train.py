@@ -135,7 +135,7 @@ def train(cfg: RunConfig) -> TrainResult:
     tracker = Tracker(cfg, run_dir, info.is_main, start_step)
     tracker.log(f"run {cfg.run.name}: {cfg.task}, {n_params / 1e6:.2f}M params, strategy {strategy.name} x {info.world_size} "
                 f"({info.device.type}/{info.backend}), precision {cfg.precision}, run dir {run_dir}")
-    slowdown = cpu_low_precision_slowdown(info.device, cfg.precision)
+    slowdown = cpu_low_precision_slowdown(info.device, cfg.precision) if info.is_main else 1.0  # only rank 0 logs
     if slowdown > 2:
         tracker.log(f"warning: precision {cfg.precision}: a matmul runs {slowdown:.0f}x slower than in fp32 on this CPU "
                     f"(no native {cfg.precision} instructions); training will be slow: use precision=fp32 here")
