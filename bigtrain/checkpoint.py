@@ -211,6 +211,7 @@ class CheckpointManager:
         self._committing = False  # every rank: an async commit was started and not yet reported
         self._commit_error: Optional[BaseException] = None
         self.last_committed: Optional[Path] = None
+        self._said_sync = False
 
     # -- discovery ------------------------------------------------------------------------
     def checkpoints(self) -> list[Path]:
@@ -271,9 +272,15 @@ class CheckpointManager:
                 ok, error = False, self._describe(err)
         ok = self._all_ok(ok)
         handle: Future = done_future()
+        if asynchronous and not hasattr(strategy, "async_save"):
+            asynchronous = False
+            if not self._said_sync:
+                self._said_sync = True
+                if self.info.is_main:
+                    self.log(f"checkpoint: {strategy.name} has no background writer; checkpoint.async saves synchronously")
         if ok:
             try:
-                if asynchronous and hasattr(strategy, "async_save"):
+                if asynchronous:
                     handle = strategy.async_save(tmp)
                 else:
                     strategy.save(tmp)
@@ -286,8 +293,10 @@ class CheckpointManager:
         self._pending = _Pending(step, tmp, handle, strategy.name, dict(trainer_state, step=step), config_yaml)
         if not asynchronous:
             self.wait()
-        elif self.info.is_main:
+            return
+        if self.info.is_main:
             self.log(f"checkpoint: step-{step} writing in the background")
+        fault_point("checkpoint-in-flight")
 
     def poll(self) -> None:
         """Collective while a save is in flight (no-op otherwise): commit it once every rank's

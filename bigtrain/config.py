@@ -282,7 +282,10 @@ class ResourcesSection(_Section):
     qos: Optional[str] = None
     constraint: Optional[str] = None  # e.g. "a100&ib"
     cpus_per_task: Optional[int] = Field(None, ge=1)  # CPUs per rank (sets threads per rank)
-    gpus_per_node: int = Field(0, ge=0)
+    # gpu: every rank needs a CUDA device (a run that finds none stops with an error, and SLURM jobs
+    # ask for GPUs); cpu: never use one; auto: CUDA when present, else the CPU (CPU recipes)
+    accelerator: Literal["auto", "gpu", "cpu"] = "auto"
+    gpus_per_node: Optional[int] = Field(None, ge=0)  # default: one per rank with accelerator gpu, else 0
     mem: Optional[str] = None  # per node, e.g. "64G"; "0" = all of it
     exclusive: bool = False
     sbatch_extra: list[str] = Field(default_factory=list)  # more #SBATCH options, e.g. "--reservation=x"
@@ -333,6 +336,8 @@ class ResourcesSection(_Section):
                 raise ValueError(f"resources.env.{key}: must be one line")
         if self.launcher == "deepspeed" and self.launch_mode == "srun":
             raise ValueError("resources.launcher 'deepspeed' starts the ranks itself: use resources.launch_mode=torchrun")
+        if self.accelerator == "cpu" and self.gpus_per_node:
+            raise ValueError(f"resources.gpus_per_node ({self.gpus_per_node}): resources.accelerator is cpu")
         if self.gpus_per_node and self.procs_per_node > self.gpus_per_node:
             raise ValueError(f"resources.procs_per_node ({self.procs_per_node}) exceeds resources.gpus_per_node "
                              f"({self.gpus_per_node}): ranks would share GPUs")
@@ -342,6 +347,13 @@ class ResourcesSection(_Section):
                 raise ValueError(f"resources.signal_grace_s ({self.signal_grace_s}) must be shorter than "
                                  f"resources.time ({self.time})")
         return self
+
+    @property
+    def gpus_requested(self) -> int:
+        """GPUs per node a job asks the scheduler for."""
+        if self.gpus_per_node is not None:
+            return self.gpus_per_node
+        return self.procs_per_node if self.accelerator == "gpu" else 0
 
 
 TASK_MODELS = {  # what each task trains, and on which models
@@ -543,4 +555,15 @@ def load_config(path: str | os.PathLike[str], overrides: list[str] | None = None
     if isinstance(tree["run"], dict):
         tree["run"].setdefault("name", Path(path).stem)
     tree = apply_overrides(tree, overrides or [])
+    _download_only_recipe_path(tree, overrides or [])
     return validate(tree)
+
+
+def _download_only_recipe_path(tree: dict[str, Any], overrides: list[str]) -> None:
+    """``data.download`` fills the recipe's own ``data.path``, never a path given on the command
+    line (unless the download is asked for there too): a mistyped path must be an error, not a
+    fresh download under that name."""
+    keys = {".".join(parse_override(text)[0]) for text in overrides}
+    data = tree.get("data")
+    if isinstance(data, dict) and "data.path" in keys and "data.download" not in keys:
+        data["download"] = None

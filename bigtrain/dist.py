@@ -1,8 +1,13 @@
 """Process-group setup and the one place that chooses device and backend.
 
-NCCL + CUDA when GPUs exist, gloo + CPU otherwise. Rank/world come from torchrun's
-environment (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE) or, when started by ``srun``
-directly, from SLURM's (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID).
+On GPUs the default group is ``cpu:gloo,cuda:nccl``: NCCL for CUDA tensors (gradients, losses,
+eval statistics) and gloo for CPU tensors and pickled objects (checkpoint planning, resume
+choices), so a collective on either device has a backend. On CPUs it is gloo. Checkpoint I/O
+gets a process group of its own (:func:`checkpoint_group`): DCP's async save runs collectives
+from a background thread, which must never interleave with the training loop's on one group.
+
+Rank/world come from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE) or,
+when started by ``srun`` directly, from SLURM's (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID).
 """
 
 from __future__ import annotations
@@ -51,10 +56,24 @@ def env_world() -> tuple[int, int, int, int]:
     return rank, world, local_rank, local_world
 
 
-def pick_device_and_backend(local_rank: int) -> tuple[torch.device, str]:
-    if torch.cuda.is_available():
-        return torch.device("cuda", local_rank % torch.cuda.device_count()), "nccl"
-    return torch.device("cpu"), "gloo"
+def backend_for(device_type: str) -> str:
+    """The default process group's backend for ranks computing on ``device_type``."""
+    if device_type == "cuda":
+        return "cpu:gloo,cuda:nccl"  # NCCL has no CPU tensors; gloo carries those
+    return "gloo"
+
+
+def pick_device(local_rank: int, accelerator: str = "auto") -> torch.device:
+    """This rank's device for ``resources.accelerator`` (auto | gpu | cpu). A run configured for
+    GPUs that finds none stops here, instead of training on the CPU by surprise."""
+    if accelerator == "gpu" and not torch.cuda.is_available():
+        from bigtrain.config import ConfigError
+
+        raise ConfigError("resources.accelerator: gpu, but this process sees no CUDA device (check the job's GPU "
+                          "request and CUDA_VISIBLE_DEVICES, or set resources.accelerator=cpu)")
+    if accelerator != "cpu" and torch.cuda.is_available():
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
 
 
 # `precision` values that compute in a 16-bit dtype (fp32 is absent).
@@ -102,11 +121,25 @@ def _attempt_store(rank: int, world: int, timeout: datetime.timedelta) -> dist.S
     return dist.PrefixStore(f"bigtrain/attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
-def init(threads: int | None = None, timeout_s: float = 600.0, always: bool = False) -> DistInfo:
+_CHECKPOINT_GROUP = None
+
+
+def checkpoint_group():
+    """The process group for checkpoint I/O (gloo, every rank; None without a default group).
+
+    Used only by checkpoint writers and readers (DCP), one save at a time, so a save running in a
+    background thread never shares a group with the training loop's collectives."""
+    return _CHECKPOINT_GROUP
+
+
+def init(threads: int | None = None, timeout_s: float = 600.0, always: bool = False,
+         accelerator: str = "auto") -> DistInfo:
     """Initialise the default process group if there is more than one rank (or ``always``:
-    sharded engines need a group even on one rank)."""
+    sharded engines need a group even on one rank), and the checkpoint group beside it."""
+    global _CHECKPOINT_GROUP
     rank, world, local_rank, local_world = env_world()
-    device, backend = pick_device_and_backend(local_rank)
+    device = pick_device(local_rank, accelerator)
+    backend = backend_for(device.type)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     else:
@@ -127,6 +160,7 @@ def init(threads: int | None = None, timeout_s: float = 600.0, always: bool = Fa
             timeout=timeout,
             device_id=device if device.type == "cuda" else None,
         )
+        _CHECKPOINT_GROUP = dist.new_group(backend="gloo", timeout=timeout)
     return DistInfo(rank, world, local_rank, local_world, device, backend)
 
 
@@ -138,6 +172,8 @@ def shutdown() -> None:
     ("terminate called without an active exception", seen with DeepSpeed's groups). DeepSpeed
     keeps its own references, released by its own destroy.
     """
+    global _CHECKPOINT_GROUP
+    _CHECKPOINT_GROUP = None
     if dist.is_initialized():
         ds_comm = sys.modules.get("deepspeed.comm")
         if ds_comm is not None and ds_comm.is_initialized():

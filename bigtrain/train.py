@@ -92,20 +92,21 @@ def evaluate(strategy, task: Task) -> Optional[dict[str, float]]:
     sums = []
     for batches in sets:
         total = None
-        for batch in batches:
-            stats = strategy.evaluate(batch, task.eval_stats).float().cpu()
+        for batch in batches:  # summed on the compute device: one host sync per evaluation
+            stats = strategy.evaluate(batch, task.eval_stats).float()
             total = stats if total is None else total + stats
         sums.append(total)
     strategy.train_mode(True)
-    stacked = torch.stack(sums)
+    stacked = torch.stack(sums).to(strategy.device)  # the group's backend for this device reduces it
     if tdist.is_initialized():
         tdist.all_reduce(stacked)
-    return task.eval_metrics(list(stacked))
+    return task.eval_metrics(list(stacked.cpu()))
 
 
 def train(cfg: RunConfig) -> TrainResult:
     dist.check_precision_supported(cfg.precision)
-    info = dist.init(threads=cfg.train.threads, always=cfg.strategy.name != "single")
+    info = dist.init(threads=cfg.train.threads, always=cfg.strategy.name != "single",
+                     accelerator=cfg.resources.accelerator)
     cfg.check_world_size(info.world_size)
     run_dir = cfg.run_dir
     tracker_log = print if info.is_main else (lambda _msg: None)
@@ -134,7 +135,7 @@ def train(cfg: RunConfig) -> TrainResult:
 
     tracker = Tracker(cfg, run_dir, info.is_main, start_step)
     tracker.log(f"run {cfg.run.name}: {cfg.task}, {n_params / 1e6:.2f}M params, strategy {strategy.name} x {info.world_size} "
-                f"({info.device.type}/{info.backend}), precision {cfg.precision}, run dir {run_dir}")
+                f"({info.device.type}/{info.backend}), {strategy.details()}, precision {cfg.precision}, run dir {run_dir}")
     slowdown = cpu_low_precision_slowdown(info.device, cfg.precision) if info.is_main else 1.0  # only rank 0 logs
     if slowdown > 2:
         tracker.log(f"warning: precision {cfg.precision}: a matmul runs {slowdown:.0f}x slower than in fp32 on this CPU "

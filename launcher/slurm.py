@@ -116,8 +116,8 @@ def directives(spec: JobSpec) -> list[str]:
         lines.append(f"--cpus-per-task={(res.cpus_per_task or 1) * plan.procs_per_node}")
     elif res.cpus_per_task:
         lines.append(f"--cpus-per-task={res.cpus_per_task}")
-    if res.gpus_per_node:
-        lines.append(f"--gpus-per-node={res.gpus_per_node}")
+    if res.gpus_requested:
+        lines.append(f"--gpus-per-node={res.gpus_requested}")
     if res.mem:
         lines.append(f"--mem={res.mem}")
     if res.time:

@@ -53,3 +53,45 @@ def read_jsonl(path: Path) -> list[dict]:
 def train_args(run_dir: Path, cache: Path, tiny_text: Path, *extra: str) -> list[str]:
     """``train`` arguments for a tiny, fast run on real text."""
     return ["train", str(TEST_CONFIG), f"run.dir={run_dir}", f"data.cache_dir={cache}", f"data.path={tiny_text}", *extra]
+
+
+# ---------------------------------------------------------------------------------------------
+# The engine matrix (tests/test_matrix.py, tests/test_checkpoint_dist.py): one uninterrupted
+# 2-rank reference run per engine, shared by every test that compares against it.
+# ---------------------------------------------------------------------------------------------
+
+MATRIX_STEPS = 12
+ENGINES = {
+    "ddp": ["strategy.name=ddp"],
+    "fsdp": ["strategy.name=fsdp"],
+    "zero1": ["strategy.name=deepspeed", "strategy.deepspeed.stage=1"],
+    "zero2": ["strategy.name=deepspeed", "strategy.deepspeed.stage=2"],
+    "zero3": ["strategy.name=deepspeed", "strategy.deepspeed.stage=3"],
+    "zero2-offload": ["strategy.name=deepspeed", "strategy.deepspeed.stage=2",
+                      "strategy.deepspeed.offload_optimizer=true"],
+}
+ASYNC_ENGINES = {"ddp", "fsdp"}  # engines that write checkpoints in the background
+
+
+def matrix_args(run_dir, cache_dir, tiny_text, engine, *extra, nproc=2):
+    """12 steps, evaluation and (async where possible) checkpoints every 4 steps."""
+    return train_args(run_dir, cache_dir, tiny_text, f"train.max_steps={MATRIX_STEPS}", "train.eval_every=4",
+                      "train.sample_tokens=0", "checkpoint.every_steps=4", "checkpoint.keep_last=10",
+                      "checkpoint.async=true", *ENGINES[engine], "--nproc", str(nproc), *extra)
+
+
+@pytest.fixture(scope="session")
+def engine_reference(tmp_path_factory, cache_dir, tiny_text):
+    """``engine_reference(engine, nproc=2)`` -> (run_dir, stdout) of the engine's uninterrupted
+    run, made on first use."""
+    made = {}
+
+    def get(engine, nproc=2):
+        if (engine, nproc) not in made:
+            run_dir = tmp_path_factory.mktemp(f"reference-{engine}-{nproc}") / "run"
+            proc = run_cli(*matrix_args(run_dir, cache_dir, tiny_text, engine, nproc=nproc))
+            assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+            made[engine, nproc] = (run_dir, proc.stdout)
+        return made[engine, nproc]
+
+    return get

@@ -435,3 +435,40 @@ def test_agent_forwards_usr1_to_every_rank_and_returns_requeue(tmp_path):
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 75, "".join(lines) + out
     assert "workers exited [75, 75]; exit code 75" in out
+
+
+# ---------------------------------------------------------------------------------------------
+# Recipes as a new user runs them
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", [["train"], ["data", "prepare"]])
+def test_a_mistyped_data_path_is_an_error_not_a_download(tmp_path, command):
+    """gpt-tiny downloads Shakespeare into its own data.path when missing; a path given on the
+    command line that does not exist is a one-line error, and nothing is created."""
+    proc = run_cli(*command, str(ROOT / "configs" / "gpt-tiny.yaml"), "data.path=my_corpus_typo.txt",
+                   f"run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "error: data.path: no such file or directory: 'my_corpus_typo.txt'"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_recipe_keeps_its_download_when_the_path_is_its_own():
+    from bigtrain.config import load_config
+
+    assert load_config(ROOT / "configs" / "gpt-tiny.yaml").data.download == "shakespeare"
+    assert load_config(ROOT / "configs" / "gpt-tiny.yaml", ["data.path=elsewhere"]).data.download is None
+    both = load_config(ROOT / "configs" / "gpt-tiny.yaml", ["data.path=elsewhere", "data.download=shakespeare"])
+    assert both.data.download == "shakespeare"  # asked for explicitly
+
+
+@pytest.mark.parametrize("recipe, gpus", [("gpt2-small", 8), ("llama-1b", 8)])
+def test_gpu_recipes_ask_slurm_for_their_gpus(tmp_path, recipe, gpus):
+    proc = run_cli("submit", str(ROOT / "configs" / f"{recipe}.yaml"), DATA, f"run.dir={tmp_path / 'r'}", "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+    assert f"#SBATCH --gpus-per-node={gpus}\n" in proc.stdout
+    fewer = run_cli("submit", str(ROOT / "configs" / f"{recipe}.yaml"), DATA, f"run.dir={tmp_path / 'r'}",
+                    "resources.procs_per_node=4", "strategy.name=fsdp", "--dry-run")
+    assert "#SBATCH --gpus-per-node=4\n" in fewer.stdout  # one GPU per rank
+    cpu = run_cli("submit", str(ROOT / "configs" / "gpt-tiny.yaml"), DATA, f"run.dir={tmp_path / 'c'}", "--dry-run")
+    assert cpu.returncode == 0 and "--gpus-per-node" not in cpu.stdout

@@ -116,6 +116,11 @@ class Strategy(ABC):
     def generation_model(self) -> nn.Module:
         """A module that can run ``generate``-style forward passes (may gather shards)."""
 
+    def details(self) -> str:
+        """What the engine really built, for the run header (read from the objects, not the config)."""
+        optimizer = getattr(self, "optimizer", None)
+        return f"optimizer {type(optimizer).__name__}" if optimizer is not None else ""
+
     def close(self) -> None:
         """Release what the engine holds beyond its Python references (hooks, threads), so the
         model and its process groups are freed before the interpreter exits. Idempotent."""

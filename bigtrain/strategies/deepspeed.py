@@ -108,6 +108,13 @@ class DeepSpeedStrategy(Strategy):
     def precision_context(self):
         return contextlib.nullcontext()  # the engine holds bf16/fp16 parameters itself
 
+    def details(self) -> str:
+        inner = getattr(self.engine.optimizer, "optimizer", self.engine.optimizer)  # ZeRO wraps it
+        state = next((v for st in inner.state.values() for v in st.values() if torch.is_tensor(v) and v.dim()), None)
+        where = f", optimizer state on {state.device.type}" if state is not None else ""
+        offload = " (offloaded)" if self.engine.zero_cpu_offload() else ""
+        return (f"ZeRO-{self.engine.zero_optimization_stage()}, optimizer {type(inner).__name__}{offload}{where}")
+
     def close(self) -> None:
         # ZeRO's gradient hooks reach the engine from C++, so without destroy() the engine and
         # its process groups live until interpreter exit (where gloo aborted a finished run).

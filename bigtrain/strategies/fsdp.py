@@ -26,6 +26,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
+from bigtrain import dist
 from bigtrain.checkpoint import fault_point
 from bigtrain.dist import LOW_PRECISION
 from bigtrain.models import batch_norms, repeated_blocks
@@ -123,16 +124,20 @@ class FSDPStrategy(Strategy):
             state["scaler"] = self.scaler.state_dict()
         return state
 
+    # DCP's collectives run on the checkpoint group (gloo): an async save runs them from a
+    # background thread while training goes on over the default group.
     def save(self, directory: Path) -> None:
-        dcp.save(self._state(), checkpoint_id=str(directory / DCP_DIR))
+        dcp.save(self._state(), checkpoint_id=str(directory / DCP_DIR), process_group=dist.checkpoint_group())
         fault_point("checkpoint-engine-write")
 
     def async_save(self, directory: Path) -> Future:
-        return dcp.async_save(self._state(), checkpoint_id=str(directory / DCP_DIR))
+        return dcp.async_save(self._state(), checkpoint_id=str(directory / DCP_DIR),
+                              process_group=dist.checkpoint_group())
 
     def load(self, directory: Path) -> None:
         state = self._state()
-        dcp.load(state, checkpoint_id=str(directory / DCP_DIR))  # reshards if the world size changed
+        # reshards if the world size changed
+        dcp.load(state, checkpoint_id=str(directory / DCP_DIR), process_group=dist.checkpoint_group())
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         if self.scaler and "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
