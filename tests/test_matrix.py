@@ -37,6 +37,7 @@ def test_eval_and_checkpoints_during_training(engine_reference, engine):
     assert written_in_background == (2 if engine in ASYNC else 0), out[-3000:]  # the final save is sync
     if engine not in ASYNC:
         assert "saves synchronously" in out
+    assert ("optimizer DeepSpeedCPUAdam (offloaded)" in out) == engine.endswith("offload"), out[:3000]
     # Every engine computes the same model: losses and evaluations match DDP's.
     ddp_dir, _ = engine_reference("ddp")
     assert list(losses(run_dir).values()) == pytest.approx(list(losses(ddp_dir).values()), abs=1e-4)

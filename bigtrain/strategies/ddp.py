@@ -50,6 +50,7 @@ class DDPStrategy(SingleStrategy):
     def memory_report(self):
         report = super().memory_report()
         # DDP keeps gradients in flat communication buckets (gradient_as_bucket_view: the
-        # gradients are views into them, so they are not counted twice).
-        report["ddp_bucket_bytes"] = report["grad_bytes"]
+        # gradients are views into them, so they are not counted twice); sizes from its reducer.
+        sizes = self.ddp._get_ddp_logging_data().get("bucket_sizes", "")
+        report["ddp_bucket_bytes"] = sum(int(b) for b in str(sizes).split(",") if b.strip())
         return report

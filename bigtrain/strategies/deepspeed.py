@@ -110,10 +110,8 @@ class DeepSpeedStrategy(Strategy):
 
     def details(self) -> str:
         inner = getattr(self.engine.optimizer, "optimizer", self.engine.optimizer)  # ZeRO wraps it
-        state = next((v for st in inner.state.values() for v in st.values() if torch.is_tensor(v) and v.dim()), None)
-        where = f", optimizer state on {state.device.type}" if state is not None else ""
         offload = " (offloaded)" if self.engine.zero_cpu_offload() else ""
-        return (f"ZeRO-{self.engine.zero_optimization_stage()}, optimizer {type(inner).__name__}{offload}{where}")
+        return f"ZeRO-{self.engine.zero_optimization_stage()}, optimizer {type(inner).__name__}{offload}"
 
     def close(self) -> None:
         # ZeRO's gradient hooks reach the engine from C++, so without destroy() the engine and
@@ -225,7 +223,8 @@ class DeepSpeedStrategy(Strategy):
         grad_list = [g for v in (grads.values() if isinstance(grads, dict) else grads) for g in (v or [])]
         report["grad_bytes"] = memory.tensor_bytes(grad_list) or report["ds_fp32_master_partition_bytes"]
         buckets = self.ds_config["zero_optimization"]["reduce_bucket_size"]
-        report["ds_reduce_bucket_bytes"] = int(buckets) * (2 if self.cfg.precision != "fp32" else 4)
+        # from the configured bucket size: DeepSpeed allocates it inside backward
+        report["ds_reduce_bucket_bytes_estimate"] = int(buckets) * (2 if self.cfg.precision != "fp32" else 4)
         return report
 
 

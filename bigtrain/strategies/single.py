@@ -29,6 +29,10 @@ class SingleStrategy(Strategy):
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.cfg.precision == "fp16")
         self.model = torch.compile(self.raw_model) if self.cfg.train.compile else self.raw_model
 
+    def details(self) -> str:
+        compiled = hasattr(self.model, "_orig_mod")  # torch.compile's OptimizedModule
+        return super().details() + (", compiled" if compiled else "")
+
     def forward_backward(self, batch, scale, last_micro):
         with self.precision_context():
             loss = self.objective(self.model, to_device(batch, self.device))
