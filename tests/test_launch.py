@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, TEST_CONFIG, run_cli
+from conftest import ROOT, TEST_CONFIG, TINY_SHAKESPEARE, run_cli
 
-DATA = f"data.path={ROOT.parent / 'shared' / 'data' / 'tinyshakespeare.txt'}"
+DATA = f"data.path={TINY_SHAKESPEARE}"
 
 
 # ---------------------------------------------------------------------------------------------

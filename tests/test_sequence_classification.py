@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, SHARED_DATA, read_jsonl, run_cli
+from conftest import ROOT, SST2, read_jsonl, run_cli
 from test_checkpoint import losses, ok
 
 CONFIG = ROOT / "configs" / "bert-classifier-tiny.yaml"
@@ -30,7 +30,7 @@ def write_records(path: Path, rows: list[tuple[str, str]]) -> Path:
 def sst2(tmp_path_factory):
     """4,000 SST-2 training sentences and the 872 dev sentences, both with a `sentence` column."""
     def rows(name):
-        with open(SHARED_DATA / "sst2" / name, newline="") as fh:
+        with open(SST2 / name, newline="") as fh:
             return [(r[0], r[1]) for r in list(csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE))[1:]]
 
     root = tmp_path_factory.mktemp("sst2")
