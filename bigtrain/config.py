@@ -405,9 +405,6 @@ class RunConfig(_Section):
         if self.model.pretrained and self.text_task and self.data.tokenizer.path is None:
             # a checkpoint only makes sense with the tokenizer it was trained with
             self.data.tokenizer.path = self.model.pretrained
-        if self.train.compile and self.strategy.name == "deepspeed":
-            raise ValueError("train.compile: not supported with strategy.name=deepspeed (ZeRO's parameter and "
-                             "gradient hooks are not traced by torch.compile here); use ddp or fsdp, or train.compile=false")
         if self.model.name == "resnet" and self.strategy.activation_checkpointing:
             raise ValueError("strategy.activation_checkpointing: not supported for resnet (recomputing a "
                              "block would update its BatchNorm statistics twice)")

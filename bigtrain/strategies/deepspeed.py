@@ -102,6 +102,8 @@ class DeepSpeedStrategy(Strategy):
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, model_parameters=groups if optimizer is None else None,
             config=self.ds_config, dist_init_required=False)
+        if self.cfg.train.compile:
+            self.engine.compile()  # torch.compile of the wrapped module (DeepSpeed's own entry point)
         self.model = self.engine
         self.input_dtype = low
 
@@ -111,7 +113,8 @@ class DeepSpeedStrategy(Strategy):
     def details(self) -> str:
         inner = getattr(self.engine.optimizer, "optimizer", self.engine.optimizer)  # ZeRO wraps it
         offload = " (offloaded)" if self.engine.zero_cpu_offload() else ""
-        return f"ZeRO-{self.engine.zero_optimization_stage()}, optimizer {type(inner).__name__}{offload}"
+        compiled = ", compiled" if self.engine.is_compiled else ""
+        return f"ZeRO-{self.engine.zero_optimization_stage()}, optimizer {type(inner).__name__}{offload}{compiled}"
 
     def close(self) -> None:
         # ZeRO's gradient hooks reach the engine from C++, so without destroy() the engine and
