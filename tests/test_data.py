@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from bigtrain.config import DataSection
+from bigtrain.data.errors import DataError
 from bigtrain.data.prepare import prepare
 from bigtrain.data.shards import open_prepared
-from bigtrain.data.sources import DataError
 from bigtrain.data.tokenizer import Tokenizer, train_tokenizer
 from conftest import TEST_CONFIG, run_cli
 

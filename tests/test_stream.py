@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from bigtrain.config import DataSection
+from bigtrain.data.errors import DataError
 from bigtrain.data.order import Mixture, SampleOrder
 from bigtrain.data.prepare import prepare, prepare_sources
-from bigtrain.data.sources import DataError
 from bigtrain.data.stream import CausalLMStream, StatefulLoader, document_ids, position_ids
 from conftest import read_jsonl, run_cli, train_args
 

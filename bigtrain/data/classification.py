@@ -36,9 +36,10 @@ from typing import Any, Iterator, Optional, Sequence
 import numpy as np
 import torch
 
+from bigtrain.data.errors import BadRecords, DataError
 from bigtrain.data.order import SampleOrder
 from bigtrain.data.shards import MANIFEST, check_files, load_manifest, sha256_file, token_dtype
-from bigtrain.data.sources import BadRecords, DataError, content_fingerprint, jsonl_records, resolve_files, tsv_rows
+from bigtrain.data.sources import content_fingerprint, jsonl_records, resolve_files, tsv_rows
 from bigtrain.data.stream import PositionalStream
 from bigtrain.data.tokenizer import AnyTokenizer, load_tokenizer
 

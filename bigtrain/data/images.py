@@ -25,9 +25,9 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from bigtrain.data.errors import DataError
 from bigtrain.data.order import SampleOrder
 from bigtrain.data.shards import MANIFEST, check_files, load_manifest, sha256_file
-from bigtrain.data.sources import DataError
 from bigtrain.data.stream import PositionalStream
 
 FORMAT = "bigtrain-images/1"

@@ -21,8 +21,9 @@ import numpy as np
 
 from bigtrain.config import DataSection
 from bigtrain.data import corpora
+from bigtrain.data.errors import BadRecords, DataError
 from bigtrain.data.shards import FORMAT, MANIFEST, PreparedData, is_prepared_dir, open_prepared, sha256_file, token_dtype
-from bigtrain.data.sources import BadRecords, DataError, content_fingerprint, input_bytes, iter_documents, resolve_files
+from bigtrain.data.sources import content_fingerprint, input_bytes, iter_documents, resolve_files
 from bigtrain.data.tokenizer import AnyTokenizer, load_tokenizer, train_tokenizer
 
 VAL_BLOCK_TOKENS = 4096  # the token stream is cut into blocks; every k-th block is held out

@@ -22,16 +22,13 @@ import hashlib
 import json
 import os
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence, Union
 
+from bigtrain.data.errors import BadRecords, DataError
+
 FILE_SUFFIXES = (".txt", ".jsonl", ".parquet", ".tsv")
 HF_BUILDERS = {".jsonl": "json", ".txt": "text", ".parquet": "parquet", ".tsv": "csv"}
-
-
-class DataError(ValueError):
-    """Bad input data; ``str(err)`` is one line naming the file (and line) at fault."""
 
 
 def is_hf_saved_dir(path: Path) -> bool:
@@ -68,25 +65,6 @@ def resolve_files(path: Union[str, Sequence[str]]) -> list[Path]:
         if f.suffix not in FILE_SUFFIXES and not is_hf_saved_dir(f):
             raise DataError(f"data.path: '{f}' is not a {', '.join(FILE_SUFFIXES)} file or a save_to_disk directory")
     return files
-
-
-@dataclass
-class BadRecords:
-    """The ``data.on_bad_record`` policy: raise on the first bad record, or count and go on."""
-
-    skip: bool = False
-    count: int = 0
-    examples: list[str] = field(default_factory=list)
-
-    def __call__(self, where: str, reason: str) -> None:
-        if not self.skip:
-            raise DataError(f"{where}: {reason}")
-        self.count += 1
-        if len(self.examples) < 5:
-            self.examples.append(f"{where}: {reason}")
-
-    def summary(self) -> str:
-        return f"skipped {self.count} bad records (data.on_bad_record: skip); first: {self.examples[0]}"
 
 
 def _text_of(record: Any, text_field: str, where: str, bad: BadRecords) -> str | None:
