@@ -24,7 +24,7 @@ from bigtrain.data import corpora
 from bigtrain.data.errors import BadRecords, DataError
 from bigtrain.data.shards import FORMAT, MANIFEST, PreparedData, is_prepared_dir, open_prepared, sha256_file, token_dtype
 from bigtrain.data.sources import content_fingerprint, input_bytes, iter_documents, resolve_files
-from bigtrain.data.tokenizer import AnyTokenizer, load_tokenizer, train_tokenizer
+from bigtrain.data.tokenizer import open_tokenizer, train_tokenizer
 
 VAL_BLOCK_TOKENS = 4096  # the token stream is cut into blocks; every k-th block is held out
 
@@ -233,19 +233,6 @@ def prepare(cfg: DataSection, out_dir: Optional[str | Path] = None,
     st = data.manifest["stats"]
     log(f"data: {st['train_tokens']:,} train / {st['val_tokens']:,} val tokens in {time.time() - t0:.1f}s -> {root}")
     return data
-
-
-def open_tokenizer(path: str) -> AnyTokenizer:
-    """``data.tokenizer.path`` opened, or a one-line DataError; it must name an eos (or sep)
-    token, which separates the packed documents."""
-    try:
-        tokenizer = load_tokenizer(path)
-    except (OSError, RuntimeError, ValueError) as err:
-        raise DataError(f"data.tokenizer.path: {err}") from None
-    if tokenizer.eos_id < 0:
-        raise DataError(f"data.tokenizer.path: {path}: the tokenizer names no eos_token or sep_token "
-                        f"(bigtrain separates documents with it)")
-    return tokenizer
 
 
 def _check_same_tokenizer(data: PreparedData, fingerprint: str, where: str) -> None:

@@ -4,7 +4,8 @@
 dummy prefix, byte fallback and ``\\n`` as its own piece, so ``decode(encode(text)) == text`` for
 any UTF-8 text. :class:`HFTokenizer` is a fast tokenizer as Hugging Face saves it next to a model
 (``tokenizer.json`` + ``tokenizer_config.json``), read with the ``tokenizers`` library (no torch):
-what fine-tuning a pretrained checkpoint must tokenize with. :func:`load_tokenizer` opens either.
+what fine-tuning a pretrained checkpoint must tokenize with. :func:`load_tokenizer` opens either;
+:func:`open_tokenizer` opens ``data.tokenizer.path`` with one-line :class:`DataError` messages.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from pathlib import Path
 from typing import Iterable, Iterator, Union
 
 import sentencepiece as spm
+
+from bigtrain.data.errors import DataError
 
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
 # Control pieces (never produced by encoding text) for BERT-style tasks: ids 4, 5, 6.
@@ -183,6 +186,19 @@ def load_tokenizer(path: str | Path) -> AnyTokenizer:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such tokenizer file")
     return Tokenizer.load(path)
+
+
+def open_tokenizer(path: str) -> AnyTokenizer:
+    """``data.tokenizer.path`` opened, or a one-line DataError; it must name an eos (or sep)
+    token, which separates the packed documents."""
+    try:
+        tokenizer = load_tokenizer(path)
+    except (OSError, RuntimeError, ValueError) as err:
+        raise DataError(f"data.tokenizer.path: {err}") from None
+    if tokenizer.eos_id < 0:
+        raise DataError(f"data.tokenizer.path: {path}: the tokenizer names no eos_token or sep_token "
+                        f"(bigtrain separates documents with it)")
+    return tokenizer
 
 
 def _training_lines(documents: Iterable[str], max_bytes: int) -> Iterator[str]:
