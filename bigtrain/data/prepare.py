@@ -9,10 +9,7 @@ Torch-free.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
@@ -21,16 +18,13 @@ import numpy as np
 
 from bigtrain.config import DataSection
 from bigtrain.data import corpora
+from bigtrain.data.cache import build_set, default_cache_dir, file_entry, key_digest
 from bigtrain.data.errors import BadRecords, DataError
-from bigtrain.data.shards import FORMAT, MANIFEST, PreparedData, is_prepared_dir, open_prepared, sha256_file, token_dtype
+from bigtrain.data.shards import FORMAT, MANIFEST, PreparedData, is_prepared_dir, open_prepared, token_dtype
 from bigtrain.data.sources import content_fingerprint, input_bytes, iter_documents, resolve_files
 from bigtrain.data.tokenizer import open_tokenizer, train_tokenizer
 
 VAL_BLOCK_TOKENS = 4096  # the token stream is cut into blocks; every k-th block is held out
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("BIGTRAIN_CACHE", Path.home() / ".cache" / "bigtrain"))
 
 
 def _settings_key(cfg: DataSection, tokenizer_sha: Optional[str]) -> dict[str, Any]:
@@ -130,8 +124,7 @@ def prepare(cfg: DataSection, out_dir: Optional[str | Path] = None,
     tokenizer = open_tokenizer(cfg.tokenizer.path) if cfg.tokenizer.path else None
     key = {"inputs": content_fingerprint(files),
            **_settings_key(cfg, tokenizer.fingerprint if tokenizer else None)}
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    root = Path(out_dir) if out_dir else Path(cfg.cache_dir or default_cache_dir()) / "data" / digest
+    root = Path(out_dir) if out_dir else Path(cfg.cache_dir or default_cache_dir()) / "data" / key_digest(key)
     if is_prepared_dir(root):
         log(f"data: using prepared data {root} (cached by content hash)")
         return open_prepared(root, verify="checksum")
@@ -147,12 +140,8 @@ def prepare(cfg: DataSection, out_dir: Optional[str | Path] = None,
         raise DataError(f"data.path: corpus '{cfg.path}' has no text ({len(files)} files, {n_bytes} bytes)")
     log(f"data: preparing {len(files)} files ({n_bytes / 1e6:.1f} MB) into {root}")
 
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = root.parent / f".{root.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
+    def write(tmp: Path) -> dict[str, Any]:
+        nonlocal tokenizer
         if tokenizer is None:
             try:
                 tokenizer = train_tokenizer(documents(BadRecords(skip=bad.skip)), cfg.tokenizer.vocab_size,
@@ -162,7 +151,7 @@ def prepare(cfg: DataSection, out_dir: Optional[str | Path] = None,
                 raise DataError(f"data.tokenizer: training failed on '{cfg.path}': {str(err).strip()}") from None
             log(f"data: trained {cfg.tokenizer.model_type} tokenizer, vocab {tokenizer.vocab_size} "
                 f"({time.time() - t0:.1f}s)")
-        tok_files = [{"file": p.name, "bytes": p.stat().st_size, "sha256": sha256_file(p)}
+        tok_files = [{"file": p.name, **file_entry(p)}
                      for p in tokenizer.save_files(tmp)]
         dtype = token_dtype(tokenizer.vocab_size)
         writers = {s: _ShardWriter(tmp, s, dtype, cfg.shard_tokens) for s in ("train", "val")}
@@ -197,10 +186,9 @@ def prepare(cfg: DataSection, out_dir: Optional[str | Path] = None,
         shards = writers["train"].shards + writers["val"].shards
         for s in shards:
             path = tmp / s["file"]
-            s["bytes"] = path.stat().st_size
-            s["sha256"] = sha256_file(path)
+            s.update(file_entry(path))
         val_tokens = np.concatenate([np.fromfile(tmp / s["file"], dtype=dtype) for s in writers["val"].shards])
-        manifest = {
+        return {
             "format": FORMAT,
             "created_s": round(time.time(), 3),
             "tokenizer": {"type": tokenizer.kind, "file": tokenizer.main_file, "vocab_size": tokenizer.vocab_size,
@@ -218,17 +206,8 @@ def prepare(cfg: DataSection, out_dir: Optional[str | Path] = None,
                 "bad_records_skipped": bad.count,
             },
         }
-        manifest_path = tmp / MANIFEST
-        manifest_path.write_text(json.dumps(manifest, indent=2))
-        with open(manifest_path, "rb") as fh:
-            os.fsync(fh.fileno())
-        if root.exists():  # another process won the race
-            shutil.rmtree(tmp)
-        else:
-            tmp.rename(root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    build_set(root, write)
     data = open_prepared(root, verify="checksum")
     st = data.manifest["stats"]
     log(f"data: {st['train_tokens']:,} train / {st['val_tokens']:,} val tokens in {time.time() - t0:.1f}s -> {root}")
