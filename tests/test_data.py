@@ -64,6 +64,46 @@ def test_prepare_is_cached_by_content(prepared, tiny_text, tmp_path):
     assert other.root != prepared.root
 
 
+def count_opens(monkeypatch, path) -> list[str]:
+    """Record every open() of ``path`` (builtins.open and io.open, which pathlib uses) from now on."""
+    import builtins
+    import io
+    import os
+
+    opens, real, target = [], io.open, os.path.realpath(path)
+
+    def counting_open(file, *args, **kwargs):
+        if isinstance(file, (str, os.PathLike)) and os.path.realpath(file) == target:
+            opens.append(str(args[0] if args else kwargs.get("mode", "r")))
+        return real(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", counting_open)
+    monkeypatch.setattr(io, "open", counting_open)
+    return opens
+
+
+def test_preparing_reads_each_input_at_most_twice(tiny_text, tmp_path, monkeypatch):
+    """Once for the content hash, once for the documents (shared by the tokenizer's sample and the
+    encoding); a cached set costs the hash only."""
+    opens = count_opens(monkeypatch, tiny_text)
+    first = prepare(data_cfg(tiny_text, tmp_path / "cache"), log=lambda _m: None)
+    assert len(opens) == 2, opens
+    again = prepare(data_cfg(tiny_text, tmp_path / "cache"), log=lambda _m: None)
+    assert again.root == first.root and len(opens) == 3, opens
+
+
+def test_a_document_pass_replays_the_sample_and_reads_on():
+    from bigtrain.data.sources import DocumentPass
+
+    drawn = []
+    docs = DocumentPass(drawn.append(d) or d for d in ["a", "b", "c", "d"])
+    assert docs.first() == "a"
+    sample = docs.sample()
+    assert [next(sample), next(sample)] == ["a", "b"]
+    assert list(docs) == ["a", "b", "c", "d"] and drawn == ["a", "b", "c", "d"]  # each drawn once
+    assert DocumentPass(iter([])).first() is None
+
+
 def test_jsonl_and_directory_inputs(tmp_path, tiny_text):
     lines = tiny_text.read_text().split("\n\n")
     src = tmp_path / "corpus"

@@ -11,7 +11,8 @@ Inputs, by suffix:
 With ``data.reader: hf`` the files are read through ``datasets.load_dataset(<json|text|parquet|csv>,
 data_files=..., streaming=True)`` instead (note: its ``text`` builder yields one document per
 line). A record that cannot be read raises :class:`DataError` naming the file and line, unless
-``data.on_bad_record: skip``, which counts and reports it instead. Torch-free.
+``data.on_bad_record: skip``, which counts and reports it instead. A :class:`DocumentPass` lets the
+tokenizer's sample and the encoding share one read of the documents. Torch-free.
 """
 
 from __future__ import annotations
@@ -19,11 +20,12 @@ from __future__ import annotations
 import csv
 import glob
 import hashlib
+import itertools
 import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, Iterator, Sequence, Union
+from typing import Any, Iterable, Iterator, Optional, Sequence, Union
 
 from bigtrain.data.errors import BadRecords, DataError
 
@@ -185,6 +187,43 @@ def iter_documents(files: Sequence[Path], text_field: str = "text", bad: BadReco
         for doc in stream:
             if doc:
                 yield doc
+
+
+class DocumentPass:
+    """One read of a source's documents, shared by the tokenizer's sample and the encoding.
+
+    The documents drawn by :meth:`first` and :meth:`sample` are kept; iterating replays them and
+    then reads on where they stopped, so training a tokenizer on a prefix of the source and then
+    encoding all of it reads each input once. Memory: the kept documents (about the sample).
+    """
+
+    def __init__(self, documents: Iterable[str]):
+        self._rest = iter(documents)
+        self._kept: list[str] = []
+
+    def first(self) -> Optional[str]:
+        """The first document (kept), or None if the source has none."""
+        if not self._kept:
+            self._kept.extend(itertools.islice(self._rest, 1))
+        return self._kept[0] if self._kept else None
+
+    def sample(self) -> Iterator[str]:
+        """The documents from the start; every one drawn here is kept for the encoding pass."""
+        i = 0
+        while True:
+            if i == len(self._kept):
+                doc = next(self._rest, None)
+                if doc is None:
+                    return
+                self._kept.append(doc)
+            yield self._kept[i]
+            i += 1
+
+    def __iter__(self) -> Iterator[str]:
+        """Every document once, in order (iterate once: the kept documents are handed over)."""
+        kept, self._kept = self._kept, []
+        yield from kept
+        yield from self._rest
 
 
 def _open(f: Path, text_field: str, bad: BadRecords) -> Iterator[str | None]:
