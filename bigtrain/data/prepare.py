@@ -33,7 +33,7 @@ from bigtrain.data.errors import BadRecords, DataError
 from bigtrain.data.shard_writer import VAL_BLOCK_TOKENS, WrittenShards, unigram_entropy, write_shards
 from bigtrain.data.shards import FORMAT, MANIFEST, PreparedData, is_prepared_dir, open_prepared, token_dtype
 from bigtrain.data.sources import DocumentPass, content_fingerprint, input_bytes, iter_documents, resolve_files
-from bigtrain.data.tokenizer import AnyTokenizer, Tokenizer, open_tokenizer, train_tokenizer
+from bigtrain.data.tokenizer import AnyTokenizer, Tokenizer, load_tokenizer, open_tokenizer, train_tokenizer
 
 Log = Callable[[str], None]
 
@@ -170,17 +170,36 @@ def prepare(cfg: DataSection, out_dir: Optional[str | Path] = None, log: Log = p
     Returns the verified prepared data set. A ``cfg.path`` that already is a prepared directory is
     returned as is (checked against ``data.tokenizer.path`` when that is set).
     """
+    return _prepare(cfg, None, "", out_dir, log)
+
+
+def prepare_sources(cfg: DataSection, log: Log = print) -> list[PreparedData]:
+    """Prepare every source of ``cfg`` (one, or a mixture), all with one tokenizer: ``data.tokenizer.path``,
+    else the first source's (trained on its sample, or that of its prepared set)."""
+    first, *others = cfg.source_sections()
+    prepared = [_prepare(first, None, "", None, log)]
+    if others:
+        tokenizer, where = load_tokenizer(prepared[0].tokenizer_path), str(prepared[0].tokenizer_path)
+        prepared += [_prepare(section, tokenizer, where, None, log) for section in others]
+    return prepared
+
+
+def _prepare(cfg: DataSection, tokenizer: Optional[AnyTokenizer], where: str, out_dir: Optional[str | Path],
+             log: Log) -> PreparedData:
+    """One source, encoded with ``tokenizer`` (from ``where``; default: ``data.tokenizer.path``,
+    else one trained on the source)."""
     t0 = time.time()
     located = _locate(cfg, log)
-    given = open_tokenizer(cfg.tokenizer.path) if cfg.tokenizer.path else None
+    if tokenizer is None and cfg.tokenizer.path:
+        tokenizer, where = open_tokenizer(cfg.tokenizer.path), str(cfg.tokenizer.path)
     if isinstance(located, PreparedData):
-        if given is not None:
-            _check_same_tokenizer(located, given.fingerprint, str(cfg.tokenizer.path))
+        if tokenizer is not None:
+            _check_same_tokenizer(located, tokenizer.fingerprint, where)
         return located
-    found = _cached_or_pending(located, given.fingerprint if given else None, out_dir, log)
+    found = _cached_or_pending(located, tokenizer.fingerprint if tokenizer else None, out_dir, log)
     if isinstance(found, PreparedData):
         return found
-    tokenizer = given or _train(cfg, found.documents.sample(), str(cfg.path), log)
+    tokenizer = tokenizer or _train(cfg, found.documents.sample(), str(cfg.path), log)
     return _build(found, tokenizer, log, t0)
 
 
@@ -188,17 +207,3 @@ def _check_same_tokenizer(data: PreparedData, fingerprint: str, where: str) -> N
     if data.manifest["tokenizer"]["sha256"] != fingerprint:
         raise DataError(f"{data.root / MANIFEST}: prepared with a different tokenizer than {where} "
                         f"(sha256 {data.manifest['tokenizer']['sha256'][:12]} vs {fingerprint[:12]})")
-
-
-def prepare_sources(cfg: DataSection, log: Callable[[str], None] = print) -> list[PreparedData]:
-    """Prepare every source of ``cfg`` (one, or a mixture). The first source's tokenizer (trained,
-    or ``data.tokenizer.path``) is used for all others, so they share one vocabulary."""
-    sections = cfg.source_sections()
-    first = prepare(sections[0], log=log)
-    prepared = [first]
-    for section in sections[1:]:
-        shared_tok = section.tokenizer.model_copy(update={"path": str(first.tokenizer_path)})
-        data = prepare(section.model_copy(update={"tokenizer": shared_tok}), log=log)
-        _check_same_tokenizer(data, first.manifest["tokenizer"]["sha256"], str(first.tokenizer_path))
-        prepared.append(data)
-    return prepared
