@@ -10,7 +10,7 @@ from bigtrain.data.errors import DataError
 from bigtrain.data.prepare import prepare
 from bigtrain.data.shards import open_prepared
 from bigtrain.data.tokenizer import Tokenizer, train_tokenizer
-from conftest import TEST_CONFIG, run_cli
+from conftest import TEST_CONFIG, count_opens, run_cli
 
 
 def data_cfg(path, cache, **kw) -> DataSection:
@@ -64,32 +64,14 @@ def test_prepare_is_cached_by_content(prepared, tiny_text, tmp_path):
     assert other.root != prepared.root
 
 
-def count_opens(monkeypatch, path) -> list[str]:
-    """Record every open() of ``path`` (builtins.open and io.open, which pathlib uses) from now on."""
-    import builtins
-    import io
-    import os
-
-    opens, real, target = [], io.open, os.path.realpath(path)
-
-    def counting_open(file, *args, **kwargs):
-        if isinstance(file, (str, os.PathLike)) and os.path.realpath(file) == target:
-            opens.append(str(args[0] if args else kwargs.get("mode", "r")))
-        return real(file, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "open", counting_open)
-    monkeypatch.setattr(io, "open", counting_open)
-    return opens
-
-
 def test_preparing_reads_each_input_at_most_twice(tiny_text, tmp_path, monkeypatch):
     """Once for the content hash, once for the documents (shared by the tokenizer's sample and the
     encoding); a cached set costs the hash only."""
     opens = count_opens(monkeypatch, tiny_text)
     first = prepare(data_cfg(tiny_text, tmp_path / "cache"), log=lambda _m: None)
-    assert len(opens) == 2, opens
+    assert opens[tiny_text] == 2, opens
     again = prepare(data_cfg(tiny_text, tmp_path / "cache"), log=lambda _m: None)
-    assert again.root == first.root and len(opens) == 3, opens
+    assert again.root == first.root and opens[tiny_text] == 3, opens
 
 
 def test_a_document_pass_replays_the_sample_and_reads_on():

@@ -5,12 +5,13 @@ The stages, each in its own module:
 
 1. sources (:mod:`bigtrain.data.sources`): ``data.path`` resolved to input files (downloaded
    first when ``data.download`` names a corpus and the path is missing) and their content hash;
-2. the tokenizer (:mod:`bigtrain.data.tokenizer`): ``data.tokenizer.path``, or one trained on
-   a sample of the documents;
-3. shard writing (:mod:`bigtrain.data.shard_writer`): the documents encoded into train/val shards;
-4. the cache (:mod:`bigtrain.data.cache`): the set is built in a temporary directory that is
-   renamed to ``<cache>/data/<hash of the inputs and settings>`` only when complete, so preparing
-   the same data twice is a no-op, and ``bigtrain train`` can prepare on first use.
+2. the tokenizer (:mod:`bigtrain.data.tokenizer`), chosen once for all sources of a mixture:
+   ``data.tokenizer.path``, or one trained on a sample of the documents (of every source, by weight);
+3. shard writing (:mod:`bigtrain.data.shard_writer`): each source's documents encoded into
+   train/val shards with that tokenizer;
+4. the cache (:mod:`bigtrain.data.cache`): each source's set is built in a temporary directory
+   that is renamed to ``<cache>/data/<hash of the inputs and settings>`` only when complete, so
+   preparing the same data twice is a no-op, and ``bigtrain train`` can prepare on first use.
 
 Each input is read at most twice: once for its content hash, and once for the documents, which
 the tokenizer's sample and the encoding share (:class:`~bigtrain.data.sources.DocumentPass`).
@@ -19,12 +20,13 @@ Torch-free.
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Optional
 
 from bigtrain.config import DataSection
 from bigtrain.data import corpora
@@ -33,17 +35,15 @@ from bigtrain.data.errors import BadRecords, DataError
 from bigtrain.data.shard_writer import VAL_BLOCK_TOKENS, WrittenShards, unigram_entropy, write_shards
 from bigtrain.data.shards import FORMAT, MANIFEST, PreparedData, is_prepared_dir, open_prepared, token_dtype
 from bigtrain.data.sources import DocumentPass, content_fingerprint, input_bytes, iter_documents, resolve_files
-from bigtrain.data.tokenizer import AnyTokenizer, Tokenizer, load_tokenizer, open_tokenizer, train_tokenizer
+from bigtrain.data.tokenizer import AnyTokenizer, Tokenizer, load_tokenizer, open_tokenizer, sample_lines, train_on_lines
 
 Log = Callable[[str], None]
 
 
-def _settings_key(cfg: DataSection, tokenizer_sha: Optional[str]) -> dict[str, Any]:
-    tok = cfg.tokenizer
+def _settings_key(cfg: DataSection, tokenizer_key: str | dict[str, Any]) -> dict[str, Any]:
     return {
         "format": FORMAT,
-        "tokenizer": tokenizer_sha or {"type": tok.type, "model_type": tok.model_type,
-                                       "vocab_size": tok.vocab_size, "sample_bytes": tok.sample_bytes},
+        "tokenizer": tokenizer_key,
         "text_field": cfg.text_field,
         "reader": cfg.reader,
         "on_bad_record": cfg.on_bad_record,
@@ -88,12 +88,12 @@ def _locate(cfg: DataSection, log: Log) -> PreparedData | _Inputs:
     return _Inputs(cfg, resolve_files(cfg.path))
 
 
-def _cached_or_pending(inputs: _Inputs, tokenizer_sha: Optional[str], out_dir: Optional[str | Path],
+def _cached_or_pending(inputs: _Inputs, tokenizer_key: str | dict[str, Any], out_dir: Optional[str | Path],
                        log: Log) -> PreparedData | _Pending:
     """The cached set of these inputs and settings, or what building it needs (the corpus checked
     to hold some text)."""
     cfg, files = inputs.cfg, inputs.files
-    key = {"inputs": inputs.fingerprint, **_settings_key(cfg, tokenizer_sha)}
+    key = {"inputs": inputs.fingerprint, **_settings_key(cfg, tokenizer_key)}
     root = Path(out_dir) if out_dir else Path(cfg.cache_dir or default_cache_dir()) / "data" / key_digest(key)
     if is_prepared_dir(root):
         log(f"data: using prepared data {root} (cached by content hash)")
@@ -107,15 +107,50 @@ def _cached_or_pending(inputs: _Inputs, tokenizer_sha: Optional[str], out_dir: O
     return _Pending(inputs, key, root, bad, documents)
 
 
-def _train(cfg: DataSection, documents: Iterable[str], where: str, log: Log) -> Tokenizer:
-    """A tokenizer trained per ``data.tokenizer`` on (a prefix of) ``documents``."""
+def _fixed_tokenizer(cfg: DataSection, located: list[PreparedData | _Inputs]) -> Optional[AnyTokenizer]:
+    """The tokenizer the sources must use: ``data.tokenizer.path``, else that of the first source
+    given as a prepared directory, else none yet (it will be trained). Every prepared directory
+    among the sources is checked to use it."""
+    if cfg.tokenizer.path:
+        tokenizer, where = open_tokenizer(cfg.tokenizer.path), str(cfg.tokenizer.path)
+    else:
+        given = next((d for d in located if isinstance(d, PreparedData)), None)
+        if given is None:
+            return None
+        tokenizer, where = load_tokenizer(given.tokenizer_path), str(given.tokenizer_path)
+    for data in located:
+        if isinstance(data, PreparedData):
+            _check_same_tokenizer(data, tokenizer.fingerprint, where)
+    return tokenizer
+
+
+def _training_key(cfg: DataSection, sources: list[_Inputs], weights: list[float]) -> dict[str, Any]:
+    """What a trained tokenizer depends on: ``data.tokenizer``, and for a mixture every source of
+    its sample (a single source's sample is its own inputs, already in its key)."""
+    tok = cfg.tokenizer
+    key: dict[str, Any] = {"type": tok.type, "model_type": tok.model_type, "vocab_size": tok.vocab_size,
+                           "sample_bytes": tok.sample_bytes}
+    if len(sources) > 1:
+        key["sample"] = [{"inputs": s.fingerprint, "text_field": s.cfg.text_field, "weight": w}
+                         for s, w in zip(sources, weights)]
+    return key
+
+
+def _train(cfg: DataSection, pending: list[_Pending], weights: list[float], log: Log) -> Tokenizer:
+    """A tokenizer trained per ``data.tokenizer`` on a sample of the sources: the first lines of each,
+    ``data.tokenizer.sample_bytes`` in all, shared by weight. The documents drawn stay in each
+    source's :class:`DocumentPass` for its encoding."""
     t0, tok = time.time(), cfg.tokenizer
+    budgets = [int(tok.sample_bytes * w / sum(weights)) for w in weights]
+    lines = itertools.chain.from_iterable(sample_lines(p.documents.sample(), budget)
+                                          for p, budget in zip(pending, budgets))
     try:
-        tokenizer = train_tokenizer(documents, tok.vocab_size, tok.model_type, tok.sample_bytes,
-                                    threads=os.cpu_count() or 1)
+        tokenizer = train_on_lines(lines, tok.vocab_size, tok.model_type, threads=os.cpu_count() or 1)
     except RuntimeError as err:
+        where = ", ".join(str(p.inputs.cfg.path) for p in pending)
         raise DataError(f"data.tokenizer: training failed on '{where}': {str(err).strip()}") from None
-    log(f"data: trained {tok.model_type} tokenizer, vocab {tokenizer.vocab_size} ({time.time() - t0:.1f}s)")
+    mixture = f" on a sample of {len(pending)} sources" if len(pending) > 1 else ""
+    log(f"data: trained {tok.model_type} tokenizer{mixture}, vocab {tokenizer.vocab_size} ({time.time() - t0:.1f}s)")
     return tokenizer
 
 
@@ -170,37 +205,37 @@ def prepare(cfg: DataSection, out_dir: Optional[str | Path] = None, log: Log = p
     Returns the verified prepared data set. A ``cfg.path`` that already is a prepared directory is
     returned as is (checked against ``data.tokenizer.path`` when that is set).
     """
-    return _prepare(cfg, None, "", out_dir, log)
+    return _prepare_all([cfg], [1.0], out_dir, log)[0]
 
 
 def prepare_sources(cfg: DataSection, log: Log = print) -> list[PreparedData]:
-    """Prepare every source of ``cfg`` (one, or a mixture), all with one tokenizer: ``data.tokenizer.path``,
-    else the first source's (trained on its sample, or that of its prepared set)."""
-    first, *others = cfg.source_sections()
-    prepared = [_prepare(first, None, "", None, log)]
-    if others:
-        tokenizer, where = load_tokenizer(prepared[0].tokenizer_path), str(prepared[0].tokenizer_path)
-        prepared += [_prepare(section, tokenizer, where, None, log) for section in others]
-    return prepared
+    """Prepare every source of ``cfg`` (one, or a mixture), all with one tokenizer, chosen once:
+    ``data.tokenizer.path``; else that of a source given as a prepared directory; else one trained
+    on a sample of the mixture (see :func:`_train`)."""
+    return _prepare_all(cfg.source_sections(), cfg.weights, None, log)
 
 
-def _prepare(cfg: DataSection, tokenizer: Optional[AnyTokenizer], where: str, out_dir: Optional[str | Path],
-             log: Log) -> PreparedData:
-    """One source, encoded with ``tokenizer`` (from ``where``; default: ``data.tokenizer.path``,
-    else one trained on the source)."""
+def _prepare_all(sections: list[DataSection], weights: list[float], out_dir: Optional[str | Path],
+                 log: Log) -> list[PreparedData]:
+    """The stages, over all sources: locate them; choose the tokenizer (or, when it is to be
+    trained, key the sets by what it depends on); take the cached sets; train the tokenizer if any
+    set is missing and none of the cached ones has it; build the missing sets."""
     t0 = time.time()
-    located = _locate(cfg, log)
-    if tokenizer is None and cfg.tokenizer.path:
-        tokenizer, where = open_tokenizer(cfg.tokenizer.path), str(cfg.tokenizer.path)
-    if isinstance(located, PreparedData):
-        if tokenizer is not None:
-            _check_same_tokenizer(located, tokenizer.fingerprint, where)
-        return located
-    found = _cached_or_pending(located, tokenizer.fingerprint if tokenizer else None, out_dir, log)
-    if isinstance(found, PreparedData):
-        return found
-    tokenizer = tokenizer or _train(cfg, found.documents.sample(), str(cfg.path), log)
-    return _build(found, tokenizer, log, t0)
+    cfg = sections[0]  # the tokenizer and shard settings are the same in every section
+    located = [_locate(section, log) for section in sections]
+    tokenizer = _fixed_tokenizer(cfg, located)
+    raw = [x for x in located if isinstance(x, _Inputs)]
+    tokenizer_key = tokenizer.fingerprint if tokenizer else _training_key(cfg, raw, weights)
+    found = [x if isinstance(x, PreparedData) else _cached_or_pending(x, tokenizer_key, out_dir, log)
+             for x in located]
+    pending = [x for x in found if isinstance(x, _Pending)]
+    if pending and tokenizer is None:
+        cached = next((d for d in found if isinstance(d, PreparedData)), None)  # keyed by the same training
+        tokenizer = load_tokenizer(cached.tokenizer_path) if cached else _train(cfg, pending, weights, log)
+    prepared = [_build(x, tokenizer, log, t0) if isinstance(x, _Pending) else x for x in found]
+    for data in prepared[1:]:
+        _check_same_tokenizer(data, prepared[0].manifest["tokenizer"]["sha256"], str(prepared[0].tokenizer_path))
+    return prepared
 
 
 def _check_same_tokenizer(data: PreparedData, fingerprint: str, where: str) -> None:

@@ -201,7 +201,9 @@ def open_tokenizer(path: str) -> AnyTokenizer:
     return tokenizer
 
 
-def _training_lines(documents: Iterable[str], max_bytes: int) -> Iterator[str]:
+def sample_lines(documents: Iterable[str], max_bytes: int) -> Iterator[str]:
+    """The non-blank lines of ``documents`` in order, until ``max_bytes`` (each line's length + 1)
+    are used: the sample a tokenizer trains on. Draws no document beyond the one that fills it."""
     used = 0
     for doc in documents:
         for line in doc.split("\n"):
@@ -216,9 +218,14 @@ def _training_lines(documents: Iterable[str], max_bytes: int) -> Iterator[str]:
 def train_tokenizer(documents: Iterable[str], vocab_size: int, model_type: str = "bpe",
                     max_bytes: int = 20_000_000, threads: int = 1) -> Tokenizer:
     """Train a SentencePiece model on (a prefix of) ``documents``."""
+    return train_on_lines(sample_lines(documents, max_bytes), vocab_size, model_type, threads)
+
+
+def train_on_lines(lines: Iterable[str], vocab_size: int, model_type: str = "bpe", threads: int = 1) -> Tokenizer:
+    """Train a SentencePiece model on every one of ``lines`` (a sample, e.g. from :func:`sample_lines`)."""
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=_training_lines(documents, max_bytes),
+        sentence_iterator=iter(lines),
         model_writer=buf,
         vocab_size=vocab_size,
         model_type=model_type,
