@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Optional
 
 from bigtrain.config import ConfigError, RunConfig, load_config
-from bigtrain.data.sources import DataError
+from bigtrain.data.errors import DataError
 
 from bigtrain.exit_codes import BAD_INPUT as EXIT_BAD_INPUT
 from launcher.resources import check_data_path, check_pretrained

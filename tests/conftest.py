@@ -83,6 +83,25 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 600, cwd: Path
                           env=full_env, timeout=timeout, cwd=cwd or ROOT)
 
 
+def count_opens(monkeypatch, *paths: Path) -> dict[Path, int]:
+    """How often each of ``paths`` is opened from now on (``builtins.open`` and ``io.open``, which
+    pathlib uses), counted in the returned dict as it happens."""
+    import builtins
+    import io
+
+    real, targets = io.open, {os.path.realpath(p): Path(p) for p in paths}
+    opens = {Path(p): 0 for p in paths}
+
+    def counting_open(file, *args, **kwargs):
+        if isinstance(file, (str, os.PathLike)) and os.path.realpath(file) in targets:
+            opens[targets[os.path.realpath(file)]] += 1
+        return real(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", counting_open)
+    monkeypatch.setattr(io, "open", counting_open)
+    return opens
+
+
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 

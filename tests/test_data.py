@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 
 from bigtrain.config import DataSection
+from bigtrain.data.errors import DataError
 from bigtrain.data.prepare import prepare
 from bigtrain.data.shards import open_prepared
-from bigtrain.data.sources import DataError
 from bigtrain.data.tokenizer import Tokenizer, train_tokenizer
-from conftest import TEST_CONFIG, run_cli
+from conftest import TEST_CONFIG, count_opens, run_cli
 
 
 def data_cfg(path, cache, **kw) -> DataSection:
@@ -62,6 +62,28 @@ def test_prepare_is_cached_by_content(prepared, tiny_text, tmp_path):
     changed.write_text(tiny_text.read_text() + "\nA new line.\n")
     other = prepare(data_cfg(changed, prepared.root.parent.parent), log=lambda _m: None)
     assert other.root != prepared.root
+
+
+def test_preparing_reads_each_input_at_most_twice(tiny_text, tmp_path, monkeypatch):
+    """Once for the content hash, once for the documents (shared by the tokenizer's sample and the
+    encoding); a cached set costs the hash only."""
+    opens = count_opens(monkeypatch, tiny_text)
+    first = prepare(data_cfg(tiny_text, tmp_path / "cache"), log=lambda _m: None)
+    assert opens[tiny_text] == 2, opens
+    again = prepare(data_cfg(tiny_text, tmp_path / "cache"), log=lambda _m: None)
+    assert again.root == first.root and opens[tiny_text] == 3, opens
+
+
+def test_a_document_pass_replays_the_sample_and_reads_on():
+    from bigtrain.data.sources import DocumentPass
+
+    drawn = []
+    docs = DocumentPass(drawn.append(d) or d for d in ["a", "b", "c", "d"])
+    assert docs.first() == "a"
+    sample = docs.sample()
+    assert [next(sample), next(sample)] == ["a", "b"]
+    assert list(docs) == ["a", "b", "c", "d"] and drawn == ["a", "b", "c", "d"]  # each drawn once
+    assert DocumentPass(iter([])).first() is None
 
 
 def test_jsonl_and_directory_inputs(tmp_path, tiny_text):

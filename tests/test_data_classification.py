@@ -8,7 +8,7 @@ import pytest
 from torch.utils.data import DataLoader
 
 from bigtrain.data.classification import ClassificationStream, prepare_classification
-from bigtrain.data.sources import DataError
+from bigtrain.data.errors import DataError
 from bigtrain.data.tokenizer import train_tokenizer
 
 

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
+from bigtrain.data.errors import DataError
 from bigtrain.data.images import ImageStream, open_images, write_digits, write_synthetic
-from bigtrain.data.sources import DataError
 from bigtrain.data.stream import StatefulLoader
 
 

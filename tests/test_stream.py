@@ -9,11 +9,12 @@ import pytest
 import torch
 
 from bigtrain.config import DataSection
+from bigtrain.data.errors import DataError
 from bigtrain.data.order import Mixture, SampleOrder
 from bigtrain.data.prepare import prepare, prepare_sources
-from bigtrain.data.sources import DataError
 from bigtrain.data.stream import CausalLMStream, StatefulLoader, document_ids, position_ids
-from conftest import read_jsonl, run_cli, train_args
+from bigtrain.data.tokenizer import Tokenizer
+from conftest import count_opens, read_jsonl, run_cli, train_args
 
 SEQ = 32
 
@@ -151,6 +152,27 @@ def test_mixture_of_two_sources_shares_one_tokenizer(tiny_text, tmp_path):
         stream([a, other])
     with pytest.raises(DataError, match="prepared with a different tokenizer"):
         prepare(data_cfg(other.root, tmp_path / "c3", tokenizer={"path": str(a.tokenizer_path)}), log=lambda _m: None)
+
+
+def test_a_mixture_trains_its_tokenizer_on_a_sample_of_every_source(tiny_text, tmp_path, monkeypatch):
+    other = tmp_path / "other.txt"
+    other.write_text(tiny_text.read_text()[:300_000].replace(" the ", " zyzzyva "))
+    cfg = DataSection(sources=[{"path": str(tiny_text), "weight": 1}, {"path": str(other), "weight": 1}],
+                      cache_dir=str(tmp_path / "cache"), val_fraction=0.05, tokenizer={"vocab_size": 512})
+    opens = count_opens(monkeypatch, tiny_text, other)
+    a, b = prepare_sources(cfg, log=lambda _m: None)
+    assert opens == {tiny_text: 2, other: 2}  # the content hash, then one pass for the sample and the encoding
+    assert a.manifest["tokenizer"]["sha256"] == b.manifest["tokenizer"]["sha256"]
+    alone = prepare(data_cfg(tiny_text, tmp_path / "cache", tokenizer={"vocab_size": 512}), log=lambda _m: None)
+    assert alone.root != a.root  # another tokenizer, another set
+    mixed, first_only = Tokenizer.load(a.tokenizer_path), Tokenizer.load(alone.tokenizer_path)
+    assert len(mixed.encode(" zyzzyva")) < len(first_only.encode(" zyzzyva"))  # learnt from the second source
+    assert [d.root for d in prepare_sources(cfg, log=lambda _m: None)] == [a.root, b.root]  # cached
+    # a source given as a prepared directory, anywhere in the mixture, gives the others its tokenizer
+    given = DataSection(sources=[{"path": str(other)}, {"path": str(alone.root)}], cache_dir=str(tmp_path / "cache"),
+                        val_fraction=0.05, tokenizer={"vocab_size": 512})
+    c, d = prepare_sources(given, log=lambda _m: None)
+    assert d.root == alone.root and c.manifest["tokenizer"]["sha256"] == alone.manifest["tokenizer"]["sha256"]
 
 
 def test_document_boundaries_restart_positions():

@@ -9,10 +9,10 @@ naming the file and line (``on_bad_record="skip"`` counts and skips it, and logs
 
 A prepared record set is a directory: ``tokens.bin`` (all records' token ids back to back),
 ``offsets.npy`` (int64, N + 1), ``labels.npy`` (int64), the tokenizer's files (``tokenizer.model``,
-or a Hugging Face ``tokenizer.json`` + config) and ``manifest.json`` (written last, then the
-directory is renamed into place). A Hugging Face tokenizer encodes with the model's own special
-tokens (BERT: ``[CLS] text [SEP]``); with a SentencePiece model :class:`ClassificationStream`
-prepends ``<cls>``. The stream pads each micro-batch to its longest record.
+or a Hugging Face ``tokenizer.json`` + config) and ``manifest.json``, built by
+:func:`bigtrain.data.cache.build_set` (manifest last, then renamed into place). A Hugging Face
+tokenizer encodes with the model's own special tokens (BERT: ``[CLS] text [SEP]``); with a
+SentencePiece model :class:`ClassificationStream` prepends ``<cls>``. The stream pads each micro-batch to its longest record.
 :func:`prepare_cached` keys record sets by the content of their inputs and settings.
 
 Bucketing (``bucket=True``): the global batch of a step (the same positions as without
@@ -26,19 +26,18 @@ resuming, with any world size, is exact.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
 
+from bigtrain.data.cache import build_set, file_entry, key_digest
+from bigtrain.data.errors import BadRecords, DataError
 from bigtrain.data.order import SampleOrder
 from bigtrain.data.shards import MANIFEST, check_files, load_manifest, sha256_file, token_dtype
-from bigtrain.data.sources import BadRecords, DataError, content_fingerprint, jsonl_records, resolve_files, tsv_rows
+from bigtrain.data.sources import content_fingerprint, jsonl_records, resolve_files, tsv_rows
 from bigtrain.data.stream import PositionalStream
 from bigtrain.data.tokenizer import AnyTokenizer, load_tokenizer
 
@@ -95,35 +94,24 @@ def prepare_classification(files: Sequence[str | Path], tokenizer: AnyTokenizer,
     specials = tokenizer.kind == "hf"
     ids = (tokenizer.encode_batch(texts, special=True) if specials
            else tokenizer.encode_batch(texts, threads=os.cpu_count() or 1))
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        dtype = token_dtype(tokenizer.vocab_size)
+    dtype = token_dtype(tokenizer.vocab_size)
+    label_ids = np.array([lab for _, lab in kept], dtype=np.int64)
+
+    def write(tmp: Path) -> dict[str, Any]:
         np.concatenate([np.asarray(x, dtype=dtype) for x in ids]).tofile(tmp / "tokens.bin")
         np.save(tmp / "offsets.npy", np.concatenate([[0], np.cumsum([len(x) for x in ids])]).astype(np.int64))
-        label_ids = np.array([lab for _, lab in kept], dtype=np.int64)
         np.save(tmp / "labels.npy", label_ids)
         tokenizer.save_files(tmp)
-        files_meta = {n: {"bytes": (tmp / n).stat().st_size, "sha256": sha256_file(tmp / n)}
-                      for n in ("tokens.bin", "offsets.npy", "labels.npy", *tokenizer.file_names)}
-        manifest = {"format": FORMAT, "records": len(kept), "labels": names, "dtype": dtype.str,
-                    "label_counts": np.bincount(label_ids, minlength=len(names)).tolist(),
-                    "tokenizer_sha256": tokenizer.fingerprint, "tokenizer_file": tokenizer.main_file,
-                    "special_tokens_added": specials, "bad_records_skipped": bad.count,
-                    "sources": [{"path": str(f), "bytes": Path(f).stat().st_size, "sha256": sha256_file(Path(f))}
-                                for f in files],
-                    "files": files_meta}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return manifest
+        return {"format": FORMAT, "records": len(kept), "labels": names, "dtype": dtype.str,
+                "label_counts": np.bincount(label_ids, minlength=len(names)).tolist(),
+                "tokenizer_sha256": tokenizer.fingerprint, "tokenizer_file": tokenizer.main_file,
+                "special_tokens_added": specials, "bad_records_skipped": bad.count,
+                "sources": [{"path": str(f), "bytes": Path(f).stat().st_size, "sha256": sha256_file(Path(f))}
+                            for f in files],
+                "files": {n: file_entry(tmp / n)
+                          for n in ("tokens.bin", "offsets.npy", "labels.npy", *tokenizer.file_names)}}
+
+    return build_set(Path(out_dir), write, replace=True)
 
 
 def prepare_cached(path, tokenizer: AnyTokenizer, cache_root: Path, labels: Optional[Sequence[str]] = None,
@@ -135,7 +123,7 @@ def prepare_cached(path, tokenizer: AnyTokenizer, cache_root: Path, labels: Opti
     key = {"format": FORMAT, "inputs": content_fingerprint(files), "tokenizer": tokenizer.fingerprint,
            "labels": list(labels) if labels is not None else None, "text_field": text_field,
            "label_field": label_field, "on_bad_record": on_bad_record}
-    root = Path(cache_root) / hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    root = Path(cache_root) / key_digest(key)
     if (root / MANIFEST).is_file():
         log(f"data: using prepared records {root} (cached by content hash)")
         return root

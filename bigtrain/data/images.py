@@ -6,7 +6,8 @@ An image set is a directory::
     labels.npy     int64, N
     manifest.json  format, shape, classes, per-channel mean/std, sizes and sha256 of both files
 
-written into a temporary directory and renamed into place (the manifest last), like token shards.
+built like token shards and record sets (:func:`bigtrain.data.cache.build_set`: a temporary
+directory, the manifest last, renamed into place).
 :func:`write_digits` stores scikit-learn's 8x8 digits (shipped inside the package);
 :func:`write_synthetic` generates learnable labelled images of any resolution, in chunks, for
 throughput scaling. :class:`ImageStream` reads a set in the global sample order of
@@ -16,27 +17,24 @@ from (seed, position), so a resumed or resharded run sees exactly the same image
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 import torch
 
+from bigtrain.data.cache import build_set, file_entry
+from bigtrain.data.errors import DataError
 from bigtrain.data.order import SampleOrder
-from bigtrain.data.shards import MANIFEST, check_files, load_manifest, sha256_file
-from bigtrain.data.sources import DataError
+from bigtrain.data.shards import MANIFEST, check_files, load_manifest
 from bigtrain.data.stream import PositionalStream
 
 FORMAT = "bigtrain-images/1"
 
 
-def _finish(tmp: Path, out: Path, num_classes: int, source: str) -> Path:
-    """Stats, checksums and manifest for the arrays in ``tmp``; then rename it to ``out``."""
+def _manifest(tmp: Path, num_classes: int, source: str) -> dict[str, Any]:
+    """Stats, sizes and checksums of the arrays in ``tmp``: the manifest of the set."""
     images = np.load(tmp / "images.npy", mmap_mode="r")
-    labels = np.load(tmp / "labels.npy", mmap_mode="r")
     sums = np.zeros(images.shape[1])
     sq = np.zeros(images.shape[1])
     for i in range(0, len(images), 4096):
@@ -46,24 +44,9 @@ def _finish(tmp: Path, out: Path, num_classes: int, source: str) -> Path:
     count = len(images) * images.shape[2] * images.shape[3]
     mean = sums / count
     std = np.sqrt(np.maximum(sq / count - mean ** 2, 1e-12))
-    files = {name: {"bytes": (tmp / name).stat().st_size, "sha256": sha256_file(tmp / name)}
-             for name in ("images.npy", "labels.npy")}
-    manifest = {"format": FORMAT, "shape": list(images.shape), "num_classes": num_classes,
-                "mean": mean.tolist(), "std": std.tolist(), "files": files, "source": source}
-    del images, labels
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-    return out
-
-
-def _tmp_for(out: Path) -> Path:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    return tmp
+    return {"format": FORMAT, "shape": list(images.shape), "num_classes": num_classes,
+            "mean": mean.tolist(), "std": std.tolist(),
+            "files": {name: file_entry(tmp / name) for name in ("images.npy", "labels.npy")}, "source": source}
 
 
 def write_digits(out_dir: str | Path, split: str = "train") -> Path:
@@ -73,11 +56,14 @@ def write_digits(out_dir: str | Path, split: str = "train") -> Path:
     digits = load_digits()
     keep = (np.arange(len(digits.target)) % 10 == 0) == (split == "val")
     images = np.round(digits.images[keep] / 16.0 * 255).astype(np.uint8)[:, None]
-    out = Path(out_dir)
-    tmp = _tmp_for(out)
-    np.save(tmp / "images.npy", images)
-    np.save(tmp / "labels.npy", digits.target[keep].astype(np.int64))
-    return _finish(tmp, out, 10, f"sklearn.datasets.load_digits ({split})")
+
+    def write(tmp: Path) -> dict[str, Any]:
+        np.save(tmp / "images.npy", images)
+        np.save(tmp / "labels.npy", digits.target[keep].astype(np.int64))
+        return _manifest(tmp, 10, f"sklearn.datasets.load_digits ({split})")
+
+    build_set(Path(out_dir), write, replace=True)
+    return Path(out_dir)
 
 
 def write_synthetic(out_dir: str | Path, n: int, resolution: int, channels: int = 3, num_classes: int = 10,
@@ -92,23 +78,26 @@ def write_synthetic(out_dir: str | Path, n: int, resolution: int, channels: int 
     freqs = classes.uniform(1.0, 4.0, size=num_classes)
     angles = classes.uniform(0, np.pi, size=num_classes)
     yy, xx = np.meshgrid(np.linspace(0, 1, resolution), np.linspace(0, 1, resolution), indexing="ij")
-    out = Path(out_dir)
-    tmp = _tmp_for(out)
-    images = np.lib.format.open_memmap(tmp / "images.npy", mode="w+", dtype=np.uint8,
-                                       shape=(n, channels, resolution, resolution))
-    labels = rng.integers(0, num_classes, size=n).astype(np.int64)
-    for start in range(0, n, chunk):
-        lab = labels[start:start + chunk]
-        phase = rng.uniform(0, 2 * np.pi, size=(len(lab), 1, 1))
-        direction = (np.cos(angles[lab])[:, None, None] * xx + np.sin(angles[lab])[:, None, None] * yy)
-        stripes = 0.5 + 0.5 * np.sin(2 * np.pi * freqs[lab][:, None, None] * direction + phase)
-        img = colours[lab][:, :, None, None] * (0.5 + 0.5 * stripes[:, None])
-        img = img + rng.normal(0, 0.08, size=img.shape)
-        images[start:start + len(lab)] = np.clip(img * 255, 0, 255).astype(np.uint8)
-    images.flush()
-    del images
-    np.save(tmp / "labels.npy", labels)
-    return _finish(tmp, out, num_classes, f"synthetic (n={n}, {resolution}x{resolution}, seed={seed})")
+
+    def write(tmp: Path) -> dict[str, Any]:
+        images = np.lib.format.open_memmap(tmp / "images.npy", mode="w+", dtype=np.uint8,
+                                           shape=(n, channels, resolution, resolution))
+        labels = rng.integers(0, num_classes, size=n).astype(np.int64)
+        for start in range(0, n, chunk):
+            lab = labels[start:start + chunk]
+            phase = rng.uniform(0, 2 * np.pi, size=(len(lab), 1, 1))
+            direction = (np.cos(angles[lab])[:, None, None] * xx + np.sin(angles[lab])[:, None, None] * yy)
+            stripes = 0.5 + 0.5 * np.sin(2 * np.pi * freqs[lab][:, None, None] * direction + phase)
+            img = colours[lab][:, :, None, None] * (0.5 + 0.5 * stripes[:, None])
+            img = img + rng.normal(0, 0.08, size=img.shape)
+            images[start:start + len(lab)] = np.clip(img * 255, 0, 255).astype(np.uint8)
+        images.flush()
+        del images
+        np.save(tmp / "labels.npy", labels)
+        return _manifest(tmp, num_classes, f"synthetic (n={n}, {resolution}x{resolution}, seed={seed})")
+
+    build_set(Path(out_dir), write, replace=True)
+    return Path(out_dir)
 
 
 SYNTHETIC = {"train": 4096, "val": 512}  # data.download: synthetic-images (32x32 RGB, 10 classes)

@@ -21,8 +21,8 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
+from bigtrain.data.errors import DataError
 from bigtrain.data.shards import PreparedData
-from bigtrain.data.sources import DataError
 from bigtrain.data.stream import CausalLMStream
 from bigtrain.data.tokenizer import SPECIAL_PIECES, Tokenizer
 

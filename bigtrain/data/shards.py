@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from bigtrain.data.sources import DataError
+from bigtrain.data.errors import DataError
 
 FORMAT = "bigtrain-tokens/2"  # 2: tokenizer with <pad> and <mask>/<cls>/<sep> control pieces
 MANIFEST = "manifest.json"

@@ -11,7 +11,8 @@ Inputs, by suffix:
 With ``data.reader: hf`` the files are read through ``datasets.load_dataset(<json|text|parquet|csv>,
 data_files=..., streaming=True)`` instead (note: its ``text`` builder yields one document per
 line). A record that cannot be read raises :class:`DataError` naming the file and line, unless
-``data.on_bad_record: skip``, which counts and reports it instead. Torch-free.
+``data.on_bad_record: skip``, which counts and reports it instead. A :class:`DocumentPass` lets the
+tokenizer's sample and the encoding share one read of the documents. Torch-free.
 """
 
 from __future__ import annotations
@@ -19,19 +20,17 @@ from __future__ import annotations
 import csv
 import glob
 import hashlib
+import itertools
 import json
 import os
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence, Union
+from typing import Any, Iterable, Iterator, Optional, Sequence, Union
+
+from bigtrain.data.errors import BadRecords, DataError
 
 FILE_SUFFIXES = (".txt", ".jsonl", ".parquet", ".tsv")
 HF_BUILDERS = {".jsonl": "json", ".txt": "text", ".parquet": "parquet", ".tsv": "csv"}
-
-
-class DataError(ValueError):
-    """Bad input data; ``str(err)`` is one line naming the file (and line) at fault."""
 
 
 def is_hf_saved_dir(path: Path) -> bool:
@@ -68,25 +67,6 @@ def resolve_files(path: Union[str, Sequence[str]]) -> list[Path]:
         if f.suffix not in FILE_SUFFIXES and not is_hf_saved_dir(f):
             raise DataError(f"data.path: '{f}' is not a {', '.join(FILE_SUFFIXES)} file or a save_to_disk directory")
     return files
-
-
-@dataclass
-class BadRecords:
-    """The ``data.on_bad_record`` policy: raise on the first bad record, or count and go on."""
-
-    skip: bool = False
-    count: int = 0
-    examples: list[str] = field(default_factory=list)
-
-    def __call__(self, where: str, reason: str) -> None:
-        if not self.skip:
-            raise DataError(f"{where}: {reason}")
-        self.count += 1
-        if len(self.examples) < 5:
-            self.examples.append(f"{where}: {reason}")
-
-    def summary(self) -> str:
-        return f"skipped {self.count} bad records (data.on_bad_record: skip); first: {self.examples[0]}"
 
 
 def _text_of(record: Any, text_field: str, where: str, bad: BadRecords) -> str | None:
@@ -207,6 +187,43 @@ def iter_documents(files: Sequence[Path], text_field: str = "text", bad: BadReco
         for doc in stream:
             if doc:
                 yield doc
+
+
+class DocumentPass:
+    """One read of a source's documents, shared by the tokenizer's sample and the encoding.
+
+    The documents drawn by :meth:`first` and :meth:`sample` are kept; iterating replays them and
+    then reads on where they stopped, so training a tokenizer on a prefix of the source and then
+    encoding all of it reads each input once. Memory: the kept documents (about the sample).
+    """
+
+    def __init__(self, documents: Iterable[str]):
+        self._rest = iter(documents)
+        self._kept: list[str] = []
+
+    def first(self) -> Optional[str]:
+        """The first document (kept), or None if the source has none."""
+        if not self._kept:
+            self._kept.extend(itertools.islice(self._rest, 1))
+        return self._kept[0] if self._kept else None
+
+    def sample(self) -> Iterator[str]:
+        """The documents from the start; every one drawn here is kept for the encoding pass."""
+        i = 0
+        while True:
+            if i == len(self._kept):
+                doc = next(self._rest, None)
+                if doc is None:
+                    return
+                self._kept.append(doc)
+            yield self._kept[i]
+            i += 1
+
+    def __iter__(self) -> Iterator[str]:
+        """Every document once, in order (iterate once: the kept documents are handed over)."""
+        kept, self._kept = self._kept, []
+        yield from kept
+        yield from self._rest
 
 
 def _open(f: Path, text_field: str, bad: BadRecords) -> Iterator[str | None]:

@@ -25,9 +25,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from bigtrain.data.errors import DataError
 from bigtrain.data.order import Mixture, SampleOrder
 from bigtrain.data.shards import PreparedData
-from bigtrain.data.sources import DataError
 
 STATE_VERSION = 1
 

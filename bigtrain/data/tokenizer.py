@@ -4,7 +4,8 @@
 dummy prefix, byte fallback and ``\\n`` as its own piece, so ``decode(encode(text)) == text`` for
 any UTF-8 text. :class:`HFTokenizer` is a fast tokenizer as Hugging Face saves it next to a model
 (``tokenizer.json`` + ``tokenizer_config.json``), read with the ``tokenizers`` library (no torch):
-what fine-tuning a pretrained checkpoint must tokenize with. :func:`load_tokenizer` opens either.
+what fine-tuning a pretrained checkpoint must tokenize with. :func:`load_tokenizer` opens either;
+:func:`open_tokenizer` opens ``data.tokenizer.path`` with one-line :class:`DataError` messages.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from pathlib import Path
 from typing import Iterable, Iterator, Union
 
 import sentencepiece as spm
+
+from bigtrain.data.errors import DataError
 
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
 # Control pieces (never produced by encoding text) for BERT-style tasks: ids 4, 5, 6.
@@ -185,7 +188,22 @@ def load_tokenizer(path: str | Path) -> AnyTokenizer:
     return Tokenizer.load(path)
 
 
-def _training_lines(documents: Iterable[str], max_bytes: int) -> Iterator[str]:
+def open_tokenizer(path: str) -> AnyTokenizer:
+    """``data.tokenizer.path`` opened, or a one-line DataError; it must name an eos (or sep)
+    token, which separates the packed documents."""
+    try:
+        tokenizer = load_tokenizer(path)
+    except (OSError, RuntimeError, ValueError) as err:
+        raise DataError(f"data.tokenizer.path: {err}") from None
+    if tokenizer.eos_id < 0:
+        raise DataError(f"data.tokenizer.path: {path}: the tokenizer names no eos_token or sep_token "
+                        f"(bigtrain separates documents with it)")
+    return tokenizer
+
+
+def sample_lines(documents: Iterable[str], max_bytes: int) -> Iterator[str]:
+    """The non-blank lines of ``documents`` in order, until ``max_bytes`` (each line's length + 1)
+    are used: the sample a tokenizer trains on. Draws no document beyond the one that fills it."""
     used = 0
     for doc in documents:
         for line in doc.split("\n"):
@@ -200,9 +218,14 @@ def _training_lines(documents: Iterable[str], max_bytes: int) -> Iterator[str]:
 def train_tokenizer(documents: Iterable[str], vocab_size: int, model_type: str = "bpe",
                     max_bytes: int = 20_000_000, threads: int = 1) -> Tokenizer:
     """Train a SentencePiece model on (a prefix of) ``documents``."""
+    return train_on_lines(sample_lines(documents, max_bytes), vocab_size, model_type, threads)
+
+
+def train_on_lines(lines: Iterable[str], vocab_size: int, model_type: str = "bpe", threads: int = 1) -> Tokenizer:
+    """Train a SentencePiece model on every one of ``lines`` (a sample, e.g. from :func:`sample_lines`)."""
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=_training_lines(documents, max_bytes),
+        sentence_iterator=iter(lines),
         model_writer=buf,
         vocab_size=vocab_size,
         model_type=model_type,

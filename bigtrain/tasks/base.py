@@ -11,7 +11,7 @@ from torch import nn
 
 from bigtrain import dist
 from bigtrain.config import RunConfig
-from bigtrain.data.sources import DataError
+from bigtrain.data.errors import DataError
 from bigtrain.data.stream import PositionalStream
 from bigtrain.data.tokenizer import AnyTokenizer
 from bigtrain.dist import DistInfo

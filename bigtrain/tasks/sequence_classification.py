@@ -21,9 +21,10 @@ from torch import nn
 
 from bigtrain.data.classification import (ClassificationStream, open_records, prepare_cached, read_records,
                                          records_tokenizer)
-from bigtrain.data.prepare import default_cache_dir, open_tokenizer
-from bigtrain.data.sources import BadRecords, DataError, resolve_files
-from bigtrain.data.tokenizer import load_tokenizer, train_tokenizer
+from bigtrain.data.cache import default_cache_dir
+from bigtrain.data.errors import BadRecords, DataError
+from bigtrain.data.sources import resolve_files
+from bigtrain.data.tokenizer import load_tokenizer, open_tokenizer, train_tokenizer
 from bigtrain.models import build_sequence_classifier, training_flops
 from bigtrain.tasks.base import ClassificationTask, check_vocabulary
 
