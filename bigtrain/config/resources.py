@@ -1,4 +1,6 @@
-"""``resources``: where and how the ranks run, and the SLURM value checks (time limits, one-word values)."""
+"""``resources``: where and how the ranks run, and the SLURM value checks (time limits, one-word values).
+
+Field docstrings are descriptions (see :mod:`bigtrain.config.sections`)."""
 
 from __future__ import annotations
 
@@ -34,29 +36,50 @@ class ResourcesSection(_Section):
     """Where and how the ranks run: ``bigtrain launch`` (torchrun) and ``bigtrain submit`` (SLURM)."""
 
     nodes: int = Field(1, ge=1)
-    procs_per_node: int = Field(1, ge=1)  # ranks per node (one per GPU on GPU nodes)
+    """Nodes the run spans."""
+    procs_per_node: int = Field(1, ge=1)
+    """Ranks per node (one per GPU on GPU nodes)."""
     partition: Optional[str] = None
-    time: Optional[str] = None  # SLURM time limit, e.g. "48:00:00" or "2-00:00:00" (quoted in YAML)
+    """SLURM partition (one word)."""
+    time: Optional[str] = None
+    """SLURM time limit, e.g. "48:00:00" or "2-00:00:00" (quoted in YAML)."""
     account: Optional[str] = None
+    """SLURM account (one word)."""
     qos: Optional[str] = None
-    constraint: Optional[str] = None  # e.g. "a100&ib"
-    cpus_per_task: Optional[int] = Field(None, ge=1)  # CPUs per rank (sets threads per rank)
-    # gpu: every rank needs a CUDA device (a run that finds none stops with an error, and SLURM jobs
-    # ask for GPUs); cpu: never use one; auto: CUDA when present, else the CPU (CPU recipes)
+    """SLURM quality of service (one word)."""
+    constraint: Optional[str] = None
+    """SLURM node features, e.g. "a100&ib" (one word)."""
+    cpus_per_task: Optional[int] = Field(None, ge=1)
+    """CPUs per rank (sets threads per rank)."""
     accelerator: Literal["auto", "gpu", "cpu"] = "auto"
-    gpus_per_node: Optional[int] = Field(None, ge=0)  # default: one per rank with accelerator gpu, else 0
-    mem: Optional[str] = None  # per node, e.g. "64G"; "0" = all of it
+    """gpu: every rank needs a CUDA device (a run that finds none stops with an error, and SLURM jobs
+    ask for GPUs); cpu: never use one; auto: CUDA when present, else the CPU (CPU recipes)."""
+    gpus_per_node: Optional[int] = Field(None, ge=0)
+    """GPUs a SLURM job asks for per node; default: one per rank with accelerator gpu, else 0."""
+    mem: Optional[str] = None
+    """Memory per node, e.g. "64G"; "0" = all of it."""
     exclusive: bool = False
-    sbatch_extra: list[str] = Field(default_factory=list)  # more #SBATCH options, e.g. "--reservation=x"
-    launch_mode: Literal["torchrun", "srun"] = "torchrun"  # one torchrun per node, or one srun task per rank
-    launcher: Literal["torchrun", "deepspeed"] = "torchrun"  # the per-node launcher (torchrun mode)
-    signal_grace_s: int = Field(120, ge=0, le=65535)  # SLURM sends USR1 this long before the limit (0: off)
-    rdzv_port: Optional[int] = Field(None, ge=1024, le=65535)  # default: derived from the job id
-    max_restarts: int = Field(0, ge=0)  # torchrun restarts of failed workers (SLURM requeues on preemption)
-    max_requeues: int = Field(20, ge=0)  # stop requeueing a job that keeps getting preempted
-    env: dict[str, Union[str, int, float, bool]] = Field(default_factory=dict)  # exported in the job, e.g. NCCL_DEBUG: INFO
-    template: Optional[str] = None  # sbatch template; default slurm/bigtrain.sbatch
-    python: Optional[str] = None  # interpreter on the compute nodes; default: the submitting one
+    """Ask SLURM for whole nodes."""
+    sbatch_extra: list[str] = Field(default_factory=list)
+    """More #SBATCH options, e.g. "--reservation=x"."""
+    launch_mode: Literal["torchrun", "srun"] = "torchrun"
+    """One torchrun per node, or one srun task per rank."""
+    launcher: Literal["torchrun", "deepspeed"] = "torchrun"
+    """The per-node launcher (launch_mode torchrun)."""
+    signal_grace_s: int = Field(120, ge=0, le=65535)
+    """SLURM sends USR1 this many seconds before the time limit, to checkpoint (0: off)."""
+    rdzv_port: Optional[int] = Field(None, ge=1024, le=65535)
+    """The rendezvous port; default: derived from the SLURM job id."""
+    max_restarts: int = Field(0, ge=0)
+    """torchrun restarts of failed workers (SLURM requeues on preemption)."""
+    max_requeues: int = Field(20, ge=0)
+    """Stop requeueing a job that keeps getting preempted after this many requeues."""
+    env: dict[str, Union[str, int, float, bool]] = Field(default_factory=dict)
+    """Environment variables exported in the job, e.g. NCCL_DEBUG: INFO."""
+    template: Optional[str] = None
+    """The sbatch template; default: slurm/bigtrain.sbatch."""
+    python: Optional[str] = None
+    """The interpreter on the compute nodes; default: the submitting one."""
 
     @field_validator("time", mode="before")
     @classmethod

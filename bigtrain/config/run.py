@@ -32,10 +32,16 @@ PACKED_TEXT_TASKS = ("causal_lm", "masked_lm")  # trained on prepared token shar
 
 
 class RunConfig(_Section):
+    """A whole run: what is trained, on which data, with which engine, and where it runs."""
+
     run: RunSection = RunSection()
     task: Literal["causal_lm", "masked_lm", "image_classification", "sequence_classification"] = "causal_lm"
+    """What the run trains: causal_lm (gpt2, llama), masked_lm (bert), image_classification (resnet),
+    sequence_classification (bert)."""
     seed: int = 1337
+    """Seeds model initialization, data order, masking, augmentation and sampling."""
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Compute precision: fp32, bf16 mixed precision, or fp16 with loss scaling (CUDA only)."""
     model: ModelSection = ModelSection()
     data: DataSection = DataSection()
     train: TrainSection = TrainSection()
