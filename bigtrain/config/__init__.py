@@ -11,7 +11,8 @@ This package must stay importable without torch: the launcher uses it on login n
 Modules: ``base`` (ConfigError, the section base class), ``sections`` (model, data, train,
 optim, schedule, strategy, checkpoint, tracking), ``resources`` (launch resources and the SLURM
 value checks), ``run`` (RunConfig and the cross-section checks), ``loading`` (YAML, overrides,
-validation). Import the public names from here.
+validation), ``explain`` (what ``bigtrain config --explain KEY`` prints). Import the public names
+from here.
 """
 
 from bigtrain.config.base import ConfigError
