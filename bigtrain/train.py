@@ -24,7 +24,7 @@ import torch.distributed as tdist
 from bigtrain import dist
 from bigtrain.checkpoint import CheckpointError, CheckpointManager, CheckpointSaveError
 from bigtrain.config import ConfigError, RunConfig, load_config
-from bigtrain.data.sources import DataError
+from bigtrain.data.errors import DataError
 from bigtrain.data.stream import StatefulLoader
 from bigtrain.optim import lr_at
 from bigtrain.preemption import Preemption

@@ -8,6 +8,8 @@
     bigtrain submit CONFIG [key=value ...] [--sweep KEY=[...] ...] [--follow] [--dry-run]   (SLURM)
     bigtrain status|logs|cancel RUN_DIR
     bigtrain sweep-report RUN_DIR [--json]
+    bigtrain config [CONFIG] [key=value ...]         (the resolved config as YAML)
+    bigtrain config --explain [KEY]                  (a key's type, default, range and description)
 """
 
 from __future__ import annotations
@@ -139,6 +141,28 @@ def cmd_sweep_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_config(args: argparse.Namespace) -> int:
+    """Print the resolved config (defaults and overrides without CONFIG), or explain a key."""
+    if args.explain is not None:
+        if args.config or args.overrides:
+            raise ConfigError("--explain takes one KEY (no config file or overrides), "
+                              "e.g. bigtrain config --explain checkpoint.async")
+        from bigtrain.config.explain import explain
+
+        print(explain(args.explain or None))
+        return 0
+    from launcher.resources import load_run_config, normalize_overrides
+
+    if args.config:
+        cfg = load_run_config(args.config, args.overrides)
+    else:
+        from bigtrain.config import apply_overrides, validate
+
+        cfg = validate(apply_overrides({}, normalize_overrides(args.overrides)))
+    print(cfg.to_yaml(), end="")
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     """Runs ``python -m bigtrain.export`` (the launcher itself never imports torch)."""
     cmd = [sys.executable, "-m", "bigtrain.export", args.run_dir, "--to", args.to, args.out]
@@ -224,6 +248,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace a non-empty output directory")
     p.set_defaults(func=cmd_export)
 
+    p = sub.add_parser("config", help="print the resolved config, or explain a config key")
+    p.add_argument("config", nargs="?", help="run config YAML (default: the built-in defaults)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=3e-4")
+    p.add_argument("--explain", nargs="?", const="", default=None, metavar="KEY",
+                   help="print KEY's type, default, range and description (a section: all its keys; "
+                        "no KEY: every key)")
+    p.set_defaults(func=cmd_config)
+
     p = sub.add_parser("sweep-report", help="tabulate final metrics across a sweep's tasks")
     p.add_argument("run_dir", help="the sweep's run directory")
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -242,7 +274,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         args.overrides.extend(extra)  # overrides given after options
     if getattr(args, "nproc", None) is not None and args.nproc < 1:
         return _fail(f"--nproc must be >= 1 (got {args.nproc})")
-    if args.command == "data" and args.data_command == "prepare" and args.config and "=" in args.config:
+    optional_config = args.command == "config" or (args.command == "data" and args.data_command == "prepare")
+    if optional_config and args.config and "=" in args.config:
         args.overrides.insert(0, args.config)  # `bigtrain data prepare data.path=...`: no config file
         args.config = None
     try:

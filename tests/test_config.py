@@ -97,3 +97,59 @@ def test_resolved_config_round_trips(tmp_path):
     again = load_config(saved)
     assert again == cfg
     assert again.checkpoint.async_ is True
+
+
+# ---------------------------------------------------------------------------------------------
+# bigtrain config: the resolved config, and --explain KEY
+# ---------------------------------------------------------------------------------------------
+
+
+def test_cli_explain_prints_type_default_and_description():
+    proc = run_cli("config", "--explain", "checkpoint.async")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == ("checkpoint.async: bool = false\n"
+                           "    Write while training continues (one write in flight).\n")
+
+
+def test_cli_explain_a_section_lists_its_keys_with_ranges():
+    from bigtrain.config import ResourcesSection
+
+    proc = run_cli("config", "--explain", "resources")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "resources: section"
+    assert "resources.signal_grace_s: int = 120  (>= 0, <= 65535)" in lines
+    assert "resources.accelerator: auto | gpu | cpu = auto" in lines
+    heads = [line.split(":")[0] for line in lines if not line.startswith(" ")]
+    assert heads == ["resources", *(f"resources.{name}" for name in ResourcesSection.model_fields)]
+
+
+def test_cli_explain_unknown_key_is_one_line_exit_2():
+    proc = run_cli("config", "--explain", "checkpoint.asink")
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "error: checkpoint.asink: unknown config key (did you mean checkpoint.async?)"
+    assert proc.stdout == ""
+
+
+def test_every_config_key_has_a_description():
+    from bigtrain.config.explain import describe, find, keys
+
+    undocumented = [k.path for k in keys() if len(describe(k).splitlines()) < 2]
+    assert undocumented == []
+    assert [k.path for k in find("data.sources.weight")] == ["data.sources[].weight"]
+    assert find("train.sample_prompt")[0].path == "train.sample_prompt"
+    assert describe(find("train.sample_prompt")[0]).splitlines()[0] == 'train.sample_prompt: str = "\\n"'
+
+
+def test_cli_config_prints_the_resolved_yaml(tmp_path):
+    import yaml
+
+    proc = run_cli("config", "configs/gpt-tiny.yaml", "optim.lr=3e-4", "checkpoint.async=true")
+    assert proc.returncode == 0, proc.stderr
+    expected = load_config(ROOT / "configs" / "gpt-tiny.yaml", ["optim.lr=3e-4", "checkpoint.async=true"])
+    assert yaml.safe_load(proc.stdout) == expected.to_dict()
+    again = load_config(write(tmp_path / "resolved.yaml", proc.stdout))
+    assert again == expected
+    bad = run_cli("config", "configs/gpt-tiny.yaml", "optim.lr=-1")
+    assert bad.returncode == 2
+    assert bad.stderr.strip() == "error: optim.lr: input should be greater than 0 (got -1)"

@@ -1,0 +1,116 @@
+"""The whole run config: every section, and the checks that span sections."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import model_validator
+
+from bigtrain.config.base import ConfigError, _Section
+from bigtrain.config.resources import ResourcesSection
+from bigtrain.config.sections import (
+    CheckpointSection,
+    DataSection,
+    ModelSection,
+    OptimSection,
+    RunSection,
+    ScheduleSection,
+    StrategySection,
+    TrackingSection,
+    TrainSection,
+)
+
+TASK_MODELS = {  # what each task trains, and on which models
+    "causal_lm": ("gpt2", "llama"),  # next-token prediction on packed text
+    "masked_lm": ("bert",),  # BERT pretraining: masked tokens of packed text
+    "image_classification": ("resnet",),  # labelled image sets
+    "sequence_classification": ("bert",),  # (text, label) records: fine-tuning, or from scratch
+}
+PACKED_TEXT_TASKS = ("causal_lm", "masked_lm")  # trained on prepared token shards
+
+
+class RunConfig(_Section):
+    """A whole run: what is trained, on which data, with which engine, and where it runs."""
+
+    run: RunSection = RunSection()
+    task: Literal["causal_lm", "masked_lm", "image_classification", "sequence_classification"] = "causal_lm"
+    """What the run trains: causal_lm (gpt2, llama), masked_lm (bert), image_classification (resnet),
+    sequence_classification (bert)."""
+    seed: int = 1337
+    """Seeds model initialization, data order, masking, augmentation and sampling."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Compute precision: fp32, bf16 mixed precision, or fp16 with loss scaling (CUDA only)."""
+    model: ModelSection = ModelSection()
+    data: DataSection = DataSection()
+    train: TrainSection = TrainSection()
+    optim: OptimSection = OptimSection()
+    schedule: ScheduleSection = ScheduleSection()
+    strategy: StrategySection = StrategySection()
+    checkpoint: CheckpointSection = CheckpointSection()
+    tracking: TrackingSection = TrackingSection()
+    resources: ResourcesSection = ResourcesSection()
+
+    @model_validator(mode="after")
+    def _task_fits(self) -> "RunConfig":
+        models = TASK_MODELS[self.task]
+        if self.model.name not in models:
+            raise ValueError(f"model.name: '{self.model.name}' cannot train task '{self.task}' "
+                             f"(expected {' or '.join(models)})")
+        images = not self.text_task
+        if self.data.download and (self.data.download in ("digits", "synthetic-images")) != images:
+            raise ValueError(f"data.download: '{self.data.download}' is not data for task '{self.task}'")
+        if images and self.data.sources is not None:
+            raise ValueError("data.sources: mixtures are for text tasks; image_classification reads data.path")
+        if images and not isinstance(self.data.path, str):
+            raise ValueError("data.path: image_classification needs one directory (holding train/ and val/)")
+        if self.task == "sequence_classification" and (self.data.sources is not None or self.data.download):
+            raise ValueError("data: sequence_classification reads data.path (and data.val_path), "
+                             "not data.sources or data.download")
+        if self.data.val_path is not None and self.task != "sequence_classification":
+            raise ValueError(f"data.val_path: only for sequence_classification (task '{self.task}' "
+                             f"holds out part of data.path)")
+        if self.model.pretrained and self.task == "masked_lm":
+            raise ValueError("model.pretrained: fine-tuning is supported for causal_lm and sequence_classification; "
+                             "masked_lm trains bigtrain's BERT with its own SentencePiece vocabulary")
+        if self.model.pretrained and self.text_task and self.data.tokenizer.path is None:
+            # a checkpoint only makes sense with the tokenizer it was trained with
+            self.data.tokenizer.path = self.model.pretrained
+        if self.model.name == "resnet" and self.strategy.activation_checkpointing:
+            raise ValueError("strategy.activation_checkpointing: not supported for resnet (recomputing a "
+                             "block would update its BatchNorm statistics twice)")
+        return self
+
+    @property
+    def text_task(self) -> bool:
+        """Trains on text (with a tokenizer)."""
+        return self.task != "image_classification"
+
+    @property
+    def packed_text(self) -> bool:
+        """Trains on prepared token shards (the launcher prepares them before the ranks start)."""
+        return self.task in PACKED_TEXT_TASKS
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.dir) if self.run.dir else Path("runs") / self.run.name
+
+    def grad_accum_steps(self, world_size: int) -> int:
+        """Micro-batches each rank accumulates per optimizer step."""
+        return self.train.global_batch_size // (self.train.micro_batch_size * world_size)
+
+    def check_world_size(self, world_size: int) -> None:
+        """Raise ConfigError unless the global batch splits evenly over ``world_size`` ranks."""
+        per_step = self.train.micro_batch_size * world_size
+        if world_size < 1 or self.train.global_batch_size % per_step:
+            raise ConfigError(
+                f"train.global_batch_size ({self.train.global_batch_size}) must be a multiple of "
+                f"train.micro_batch_size x world size ({self.train.micro_batch_size} x {world_size})"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", by_alias=True)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)

@@ -1,0 +1,344 @@
+"""The run config's sections except ``resources`` (see :mod:`.resources`) and the whole (:mod:`.run`).
+
+Each field's docstring (the string under it) is its description, and each section's class
+docstring describes the section: ``bigtrain config --explain KEY`` prints them, so every new
+field and section gets one (``tests/test_config.py`` checks).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Optional, Union
+
+from pydantic import ConfigDict, Field, model_validator
+
+from bigtrain.config.base import _Section
+
+
+class RunSection(_Section):
+    """The run's name and directory."""
+
+    name: str = Field("run", min_length=1, pattern=r"^[A-Za-z0-9._\-]+$")
+    """The run's name (letters, digits, . _ -); default: the config file's name without .yaml."""
+    dir: Optional[str] = None
+    """Where checkpoints, logs and metrics go; default: runs/<name>."""
+
+
+class ModelSection(_Section):
+    """The model's architecture, or a pretrained checkpoint to start from."""
+
+    name: Literal["gpt2", "llama", "bert", "resnet"] = "gpt2"
+    """The architecture: causal LMs (gpt2, llama), a BERT encoder, or a ResNet CNN."""
+    pretrained: Optional[str] = None
+    """A local Hugging Face model directory to fine-tune (causal_lm, sequence_classification)."""
+    n_layer: int = Field(4, ge=1)
+    """Transformer blocks."""
+    n_head: int = Field(4, ge=1)
+    """Attention heads; must divide model.d_model."""
+    n_kv_head: Optional[int] = Field(None, ge=1)
+    """Key/value heads (grouped-query attention), llama only; must divide model.n_head; default: model.n_head."""
+    d_model: int = Field(256, ge=8)
+    """Hidden size."""
+    d_ff: Optional[int] = Field(None, ge=8)
+    """Feed-forward size; default 4*d_model (gpt2) / ~8/3*d_model (llama)."""
+    vocab_size: Optional[int] = Field(None, ge=2)
+    """Embedding rows; default: the tokenizer's vocabulary size."""
+    max_seq_len: Optional[int] = Field(None, ge=1)
+    """Positions the model supports; default: train.seq_len."""
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    """Dropout probability."""
+    tie_embeddings: bool = True
+    """Share the input embedding matrix with the output projection."""
+    rope_theta: float = Field(10000.0, gt=0)
+    """Base of the rotary position embedding (llama)."""
+    widths: list[int] = Field(default_factory=lambda: [32, 64, 128])
+    """ResNet only: channels per stage."""
+    depths: list[int] = Field(default_factory=lambda: [1, 1, 1])
+    """ResNet only: residual blocks per stage (as many entries as model.widths)."""
+    layer_type: Literal["basic", "bottleneck"] = "basic"
+    """ResNet only: the residual block type."""
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> "ModelSection":
+        if self.d_model % self.n_head:
+            raise ValueError(f"model.d_model ({self.d_model}) must be divisible by model.n_head ({self.n_head})")
+        if self.n_kv_head is not None and self.n_head % self.n_kv_head:
+            raise ValueError(f"model.n_head ({self.n_head}) must be divisible by model.n_kv_head ({self.n_kv_head})")
+        if len(self.widths) != len(self.depths) or not self.widths or min(self.widths + self.depths) < 1:
+            raise ValueError(f"model.widths {self.widths} and model.depths {self.depths}: one positive entry per "
+                             f"ResNet stage, same length")
+        return self
+
+
+class TokenizerSection(_Section):
+    """The tokenizer text tasks use: trained on the corpus (SentencePiece), or an existing one."""
+
+    type: Literal["sentencepiece"] = "sentencepiece"
+    """The tokenizer library."""
+    model_type: Literal["bpe", "unigram"] = "bpe"
+    """The SentencePiece algorithm a trained tokenizer uses."""
+    vocab_size: int = Field(4096, ge=64, le=1_000_000)
+    """Vocabulary size of a trained tokenizer."""
+    path: Optional[str] = None
+    """An existing tokenizer instead of training one: a SentencePiece .model file, or a Hugging Face
+    tokenizer (a directory with tokenizer.json); default with model.pretrained: that checkpoint's."""
+    sample_bytes: int = Field(20_000_000, ge=1000)
+    """Corpus bytes the tokenizer trains on."""
+
+
+class DataSourceSection(_Section):
+    """One source of a mixture: its own inputs and weight; everything else comes from ``data``."""
+
+    path: Union[str, list[str]]
+    """This source's inputs (file, directory, glob, or a list of them)."""
+    weight: float = Field(1.0, gt=0)
+    """This source's share of the mixture, relative to the other sources' weights."""
+    download: Optional[Literal["shakespeare"]] = None
+    """Fetch a named text corpus into this source's path if it is missing."""
+    text_field: Optional[str] = None
+    """This source's text field; default: data.text_field."""
+
+
+class DataSection(_Section):
+    """The training data: inputs, tokenizer, preparation (token shards) and the loader."""
+
+    path: Optional[Union[str, list[str]]] = None
+    """Inputs (file, directory, glob, or a list; see bigtrain/data/sources.py), or a prepared directory."""
+    download: Optional[Literal["shakespeare", "digits", "synthetic-images"]] = None
+    """Fetch into data.path if missing: a text corpus, or image sets (train/ and val/) for image_classification."""
+    sources: Optional[list[DataSourceSection]] = None
+    """Several inputs mixed by weight (instead of data.path): a list of {path, weight, download, text_field}."""
+    text_field: str = "text"
+    """The text field of .jsonl records / column of .parquet, .tsv and Hugging Face datasets."""
+    label_field: str = "label"
+    """sequence_classification: the records' label field."""
+    labels: Optional[list[str]] = None
+    """sequence_classification: the label set; default: the training records' distinct labels, sorted."""
+    val_path: Optional[str] = None
+    """sequence_classification: the held-out records (same fields as data.path)."""
+    reader: Literal["native", "hf"] = "native"
+    """How input files are read: bigtrain's own readers, or "hf": datasets.load_dataset(streaming=True)."""
+    on_bad_record: Literal["error", "skip"] = "error"
+    """A malformed input record stops preparation with an error naming it, or is counted and skipped."""
+    val_fraction: float = Field(0.01, gt=0.0, lt=0.5)
+    """Share of the text held out for validation when preparing token shards."""
+    cache_dir: Optional[str] = None
+    """Where prepared data is cached (by content hash); default: $BIGTRAIN_CACHE or ~/.cache/bigtrain."""
+    shard_tokens: int = Field(50_000_000, ge=1024)
+    """Tokens per prepared shard file."""
+    tokenizer: TokenizerSection = TokenizerSection()
+    shuffle: bool = True
+    """Shuffle the training samples (shards, then a buffer of samples); false: read in order."""
+    shuffle_buffer: int = Field(16384, ge=1)
+    """Samples permuted together (after a shard-level shuffle)."""
+    num_workers: int = Field(0, ge=0)
+    """Dataloader worker processes per rank."""
+    prefetch_factor: int = Field(4, ge=1)
+    """Micro-batches each worker keeps ready."""
+    log_samples: bool = False
+    """Write every micro-batch's sample ids to samples-rank<R>.jsonl in the run directory."""
+    mask_prob: float = Field(0.15, gt=0.0, lt=1.0)
+    """masked_lm: share of tokens (or words) masked."""
+    whole_word_mask: bool = False
+    """masked_lm: mask whole words."""
+    augment: bool = True
+    """image_classification: random crop (reflect padding) and horizontal flip of training images."""
+
+    @model_validator(mode="after")
+    def _path_or_sources(self) -> "DataSection":
+        if self.sources is not None and (self.path is not None or self.download is not None):
+            raise ValueError("data: set either data.path (one source) or data.sources (a mixture), not both")
+        if self.sources is not None and not self.sources:
+            raise ValueError("data.sources: empty list (give at least one {path, weight})")
+        return self
+
+    def source_sections(self) -> list["DataSection"]:
+        """One DataSection per source (a single-source config yields itself)."""
+        if self.sources is None:
+            return [self]
+        return [self.model_copy(update={"path": s.path, "download": s.download, "sources": None,
+                                        "text_field": s.text_field or self.text_field})
+                for s in self.sources]
+
+    @property
+    def weights(self) -> list[float]:
+        return [s.weight for s in self.sources] if self.sources else [1.0]
+
+
+class TrainSection(_Section):
+    """The training loop: steps, batch sizes, evaluation and logging."""
+
+    max_steps: int = Field(100, ge=1)
+    """Optimizer steps to train."""
+    global_batch_size: int = Field(16, ge=1)
+    """Samples per optimizer step over all ranks; a multiple of micro_batch_size x world size."""
+    micro_batch_size: int = Field(16, ge=1)
+    """Samples per rank per forward/backward (the rest is gradient accumulation)."""
+    seq_len: int = Field(256, ge=2)
+    """Tokens per sample (text tasks)."""
+    log_every: int = Field(10, ge=1)
+    """Log training metrics every N steps (and at the last one)."""
+    eval_every: int = Field(0, ge=0)
+    """Evaluate every N steps; 0: only at the end."""
+    eval_batches: int = Field(20, ge=1)
+    """Micro-batches per evaluation."""
+    compile: bool = False
+    """torch.compile the model (per block under FSDP; not with strategy.name=deepspeed)."""
+    grad_clip: float = Field(1.0, ge=0.0)
+    """Clip the gradient norm to this; 0 disables clipping."""
+    sample_tokens: int = Field(64, ge=0)
+    """Tokens of text sampled from the model at the end (0: none)."""
+    sample_prompt: str = "\n"
+    """The prompt of that sample."""
+    threads: Optional[int] = Field(None, ge=1)
+    """CPU threads per rank; default: $OMP_NUM_THREADS (the launcher sets it), else cores / local ranks."""
+
+    @model_validator(mode="after")
+    def _batch_divides(self) -> "TrainSection":
+        if self.global_batch_size % self.micro_batch_size:
+            raise ValueError(
+                f"train.global_batch_size ({self.global_batch_size}) must be a multiple of "
+                f"train.micro_batch_size ({self.micro_batch_size})"
+            )
+        return self
+
+
+class OptimSection(_Section):
+    """The optimizer (AdamW; no weight decay on biases and norm gains)."""
+
+    name: Literal["adamw"] = "adamw"
+    """The optimizer."""
+    lr: float = Field(1e-3, gt=0.0, lt=10.0)
+    """Peak learning rate (see schedule)."""
+    weight_decay: float = Field(0.1, ge=0.0)
+    """Decoupled weight decay of weight matrices and embeddings."""
+    beta1: float = Field(0.9, ge=0.0, lt=1.0)
+    """AdamW's first-moment decay."""
+    beta2: float = Field(0.95, ge=0.0, lt=1.0)
+    """AdamW's second-moment decay."""
+    eps: float = Field(1e-8, gt=0.0)
+    """AdamW's epsilon."""
+    implementation: Literal["auto", "fused", "foreach", "for-loop"] = "auto"
+    """The AdamW kernel; auto: fused when every parameter supports it, else foreach."""
+
+
+class ScheduleSection(_Section):
+    """The learning-rate schedule: linear warmup, then decay."""
+
+    warmup_steps: int = Field(0, ge=0)
+    """Steps of linear warmup from 0 to optim.lr."""
+    decay: Literal["cosine", "linear", "constant"] = "cosine"
+    """After warmup: cosine or linear decay to min_lr_ratio x optim.lr at train.max_steps, or constant."""
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
+    """The final learning rate as a share of optim.lr."""
+
+
+# DeepSpeed keys bigtrain generates from its own config; `extra` may not override them.
+_DS_MANAGED = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+               "gradient_clipping", "bf16", "fp16")
+
+
+class DeepSpeedSection(_Section):
+    """DeepSpeed ZeRO settings (strategy.name=deepspeed)."""
+
+    stage: int = Field(2, ge=0, le=3)
+    """ZeRO stage: 0 none, 1 optimizer state, 2 + gradients, 3 + parameters sharded over ranks."""
+    offload_optimizer: bool = False
+    """ZeRO-Offload: optimizer state and step on the CPU (DeepSpeed's CPU Adam); stage 1, 2 or 3."""
+    offload_param: bool = False
+    """ZeRO-Infinity style parameter offload to the CPU (stage 3 only)."""
+    extra: dict[str, Any] = Field(default_factory=dict)
+    """Merged into the generated DeepSpeed JSON (not the batch, clipping or precision keys bigtrain sets)."""
+
+    @model_validator(mode="after")
+    def _possible(self) -> "DeepSpeedSection":
+        if self.offload_optimizer and self.stage == 0:
+            raise ValueError("strategy.deepspeed.offload_optimizer needs ZeRO stage 1, 2 or 3 (stage is 0)")
+        if self.offload_param and self.stage != 3:
+            raise ValueError(f"strategy.deepspeed.offload_param needs ZeRO stage 3 (stage is {self.stage})")
+        for key in _DS_MANAGED:
+            if key in self.extra:
+                raise ValueError(f"strategy.deepspeed.extra.{key}: set by bigtrain from train.*/precision; "
+                                 "change those keys instead")
+        zero = self.extra.get("zero_optimization", {})
+        if not isinstance(zero, dict):
+            raise ValueError("strategy.deepspeed.extra.zero_optimization: expected a mapping")
+        if "stage" in zero:
+            raise ValueError("strategy.deepspeed.extra.zero_optimization.stage: use strategy.deepspeed.stage")
+        for key, flag in (("offload_optimizer", self.offload_optimizer), ("offload_param", self.offload_param)):
+            if key in zero and not flag and "optimizer" not in self.extra:
+                raise ValueError(
+                    f"strategy.deepspeed.extra.zero_optimization.{key}: ZeRO-Offload cannot step a client "
+                    f"(torch) optimizer; set strategy.deepspeed.{key}: true so bigtrain configures DeepSpeed's CPU Adam")
+        return self
+
+
+class FSDPSection(_Section):
+    """FSDP2 settings (strategy.name=fsdp)."""
+
+    reshard_after_forward: bool = True
+    """Free the gathered parameters after forward and gather them again for backward (less memory)."""
+    cpu_offload: bool = False
+    """Keep parameters, gradients and optimizer state on the CPU."""
+    replicate: int = Field(1, ge=1)
+    """HSDP: replicas of the sharded model; replicate x shard = world size."""
+    shard: Optional[int] = Field(None, ge=1)
+    """HSDP: ranks one replica is sharded over; default: world size / replicate."""
+
+
+class StrategySection(_Section):
+    """How the model is spread over the ranks: one process, DDP, FSDP2 or DeepSpeed ZeRO."""
+
+    name: Literal["single", "ddp", "fsdp", "deepspeed"] = "single"
+    """The engine: single (one process), ddp, fsdp or deepspeed."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in backward instead of keeping them (not for resnet)."""
+    deepspeed: DeepSpeedSection = DeepSpeedSection()
+    fsdp: FSDPSection = FSDPSection()
+
+
+class CheckpointSection(_Section):
+    """When checkpoints are written and kept, and how a run resumes."""
+
+    every_steps: int = Field(0, ge=0)
+    """Save every N steps; 0: no step-based saves."""
+    every_minutes: float = Field(0.0, ge=0.0)
+    """Save every N minutes; 0: no time-based saves."""
+    keep_last: int = Field(2, ge=1)
+    """Keep the newest N checkpoints."""
+    keep_every: int = Field(0, ge=0)
+    """Also keep every checkpoint whose step is a multiple of N (0: none)."""
+    async_: bool = Field(False, alias="async")
+    """Write while training continues (one write in flight)."""
+    resume: str = Field("auto", min_length=1)
+    """auto (the newest valid checkpoint in the run directory), never, or the PATH of a step-N directory."""
+    save_final: bool = True
+    """Save after the last step."""
+    save_on_preempt: bool = True
+    """On SIGTERM/SIGUSR1: save at the next step, then exit with code 75 (requeue)."""
+    on_save_error: Literal["stop", "continue"] = "stop"
+    """A failed save stops the run, or is logged while training continues."""
+    verify: Literal["checksum", "size"] = "checksum"
+    """How resume checks a checkpoint's files: re-hash every file, or compare sizes only."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+
+
+class WandbSection(_Section):
+    """Weights & Biases logging (rank 0)."""
+
+    mode: Literal["online", "offline", "disabled"] = "disabled"
+    """online, offline (written under the run directory for a later sync), or disabled."""
+    project: str = "bigtrain"
+    """The W&B project."""
+    entity: Optional[str] = None
+    """The W&B team or user; default: your default entity."""
+    tags: list[str] = Field(default_factory=list)
+    """Tags on the W&B run."""
+
+
+class TrackingSection(_Section):
+    """Where metrics go besides metrics.jsonl / eval.jsonl: the console and Weights & Biases."""
+
+    wandb: WandbSection = WandbSection()
+    console: Literal["auto", "progress", "plain"] = "auto"
+    """progress: a progress bar; plain: log lines; auto: a progress bar on a terminal, else log lines."""
