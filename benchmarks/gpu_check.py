@@ -12,7 +12,7 @@ and checks its logits); train.compile (single, fsdp per block, ZeRO-3); activati
 BERT masked-LM, sequence classification and ResNet; with two or more GPUs, 2-rank DDP and FSDP
 against one GPU. Every case goes through the real CLI (``python -m launcher.cli``), one process
 per rank. The correctness cases run ``--parallel`` at a time (their speed is shared); the
-``perf-*`` rows run alone at the end and give tokens/s, MFU and peak memory.
+``perf-*`` rows run first, alone, and give tokens/s, MFU and peak memory.
 
 Without CUDA it says so and exits 0, unless ``--allow-cpu`` (fp16 rows are left out there: fp16
 needs CUDA). Exit code 1 if any row failed.
@@ -30,13 +30,14 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-TIMEOUT_S = 420  # one command
+TIMEOUT_S = 300  # one command
 
 
 @dataclass
@@ -275,6 +276,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, help="where runs go (default: a temporary directory)")
     parser.add_argument("--parallel", type=int, help="correctness cases at a time (default: 4 on CUDA, 1 on CPU)")
     parser.add_argument("--only", help="comma-separated case names (prefixes) to run")
+    parser.add_argument("--deadline-s", type=float, default=0,
+                        help="skip the cases not started after this many seconds (0: none); --out is rewritten "
+                             "after every case, so a run stopped from outside still leaves its rows")
     args = parser.parse_args(argv)
 
     import torch
@@ -306,42 +310,63 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     parallel = args.parallel or (4 if cuda else 1)
-    shared = [c for c in cases if not c.solo]
+    rows: list[dict] = []
+    order = {c.name: i for i, c in enumerate(cases)}
+    lock = threading.Lock()
+
+    def report() -> dict:
+        return {
+            "date": datetime.date.today().isoformat(),
+            "device": torch.cuda.get_device_name(0) if cuda else f"cpu ({platform.processor() or platform.machine()})",
+            "gpus": gpus, "torch": torch.__version__, "cuda": torch.version.cuda if cuda else None,
+            "sizes": "gpt2-small shape (12x768, seq 1024, vocab 8192), micro-batch 16, bf16" if cuda else "tiny (CPU)",
+            "parallel": parallel, "wall_s": round(time.perf_counter() - t0, 1),
+            "ok": bool(rows) and all(r["ok"] for r in rows), "rows": sorted(rows, key=lambda r: order[r["case"]]),
+        }
+
+    def write_out() -> None:
+        if args.out:
+            out = args.out / "gpu_check.json" if args.out.is_dir() or not args.out.suffix else args.out
+            out.parent.mkdir(parents=True, exist_ok=True)
+            with lock:
+                out.with_suffix(".tmp").write_text(json.dumps(report(), indent=1) + "\n")
+                out.with_suffix(".tmp").rename(out)
+
+    def run(case: Case) -> dict:
+        if args.deadline_s and time.perf_counter() - t0 > args.deadline_s:
+            row = {"case": case.name, "ok": False, "error": f"not run: past --deadline-s {args.deadline_s:.0f}"}
+        else:
+            row = run_case(case, work, env, gb)
+        rows.append(row)
+        write_out()
+        return row
+
     # the token data is prepared once, before the cases that read it run side by side
     common = [f"data.path={text}", f"data.cache_dir={work / 'cache'}"]
     for config, extra in (("configs/gpt-tiny.yaml", []), ("configs/gpt2-small.yaml", sizes.gpt2[:1])):
         subprocess.run(cli("data", "prepare", config, *common, *extra), cwd=ROOT, env=env, check=True,
                        capture_output=True, timeout=TIMEOUT_S)
+    for case in (c for c in cases if c.solo):  # throughput first, alone on the device
+        run(case)
+    shared = [c for c in cases if not c.solo and c.name != "single-reference"]
     with ThreadPoolExecutor(max_workers=parallel) as pool:
-        rows = list(pool.map(lambda c: run_case(c, work, env, gb), [c for c in shared if c.name != "single-reference"]))
-    if any(c.name == "single-reference" for c in shared):  # parity rows compare against it: run it, then recheck
-        rows.append(run_case(next(c for c in shared if c.name == "single-reference"), work, env, gb))
-        for row, case in zip(rows, [c for c in shared if c.name != "single-reference"]):
-            if case.name.startswith("two-rank") and row["ok"]:
-                try:
+        list(pool.map(run, shared))
+    reference = [c for c in cases if c.name == "single-reference"]
+    if reference:  # the parity rows compare against it: run it, then check them
+        run(reference[0])
+        for case in (c for c in shared if c.name.startswith("two-rank")):
+            row = next(r for r in rows if r["case"] == case.name)
+            try:
+                if row["ok"]:
                     case.checks[0](work / "runs" / case.name, [])
-                except AssertionError as err:
-                    row.update(ok=False, error=f"check failed: {err}")
-    for case in (c for c in cases if c.solo):
-        rows.append(run_case(case, work, env, gb))
+            except AssertionError as err:
+                row.update(ok=False, error=f"check failed: {err}")
+    write_out()
 
-    report = {
-        "date": datetime.date.today().isoformat(),
-        "device": torch.cuda.get_device_name(0) if cuda else f"cpu ({platform.processor() or platform.machine()})",
-        "gpus": gpus, "torch": torch.__version__, "cuda": torch.version.cuda if cuda else None,
-        "sizes": "gpt2-small shape (12x768, seq 1024, vocab 8192), micro-batch 16, bf16" if cuda else "tiny (CPU)",
-        "parallel": parallel, "wall_s": round(time.perf_counter() - t0, 1),
-        "ok": all(r["ok"] for r in rows), "rows": rows,
-    }
-    blob = json.dumps(report, indent=1)
-    print(blob)
-    if args.out:
-        out = args.out / "gpu_check.json" if args.out.is_dir() or not args.out.suffix else args.out
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(blob + "\n")
+    print(json.dumps(report(), indent=1))
     if not args.work:
         shutil.rmtree(work, ignore_errors=True)
-    return 0 if report["ok"] else 1
+    return 0 if report()["ok"] else 1
 
 
 if __name__ == "__main__":
