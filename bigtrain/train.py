@@ -1,11 +1,15 @@
 """The training loop, run on every rank: ``python -m bigtrain.train CONFIG [key=value ...]``.
 
-Plain, top to bottom. Engine details live in ``bigtrain.strategies``; nothing here knows which
-engine runs.
+Three parts, top to bottom: :meth:`Trainer.setup` builds the run, :meth:`Trainer.fit` is the
+loop, :meth:`Trainer.close` tears it down and is always reached (after an error or Ctrl-C too).
+Engines live in ``bigtrain.strategies``, tasks (data, model, objective, evaluation) in
+``bigtrain.tasks``, when and what to checkpoint in ``bigtrain.checkpoint``: nothing here knows
+which engine, task or reader runs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -13,9 +17,10 @@ import os
 import random
 import sys
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -26,22 +31,16 @@ from bigtrain.checkpoint import CheckpointError, CheckpointManager, CheckpointSa
 from bigtrain.config import ConfigError, RunConfig, load_config
 from bigtrain.data.errors import DataError
 from bigtrain.data.stream import StatefulLoader
+from bigtrain.exit_codes import BAD_INPUT, FAILED, INTERRUPTED, OK
+from bigtrain.interrupts import StopRequests
 from bigtrain.optim import lr_at
-from bigtrain.preemption import Preemption
 from bigtrain.perf import cpu_low_precision_slowdown, peak_flops
-from bigtrain.sample import sample_text
 from bigtrain.strategies import build_strategy
 from bigtrain.tasks import Task, build_task
 from bigtrain.tracking import Tracker
+from bigtrain.tracking.step_metrics import StepMetrics
 
-from bigtrain.exit_codes import BAD_INPUT as EXIT_BAD_INPUT
-from bigtrain.exit_codes import FAILED as EXIT_FAILED
-from bigtrain.exit_codes import OK as EXIT_OK
-from bigtrain.exit_codes import REQUEUE as EXIT_REQUEUE
-
-
-# Tests slow the loop down to kill or signal a run at a chosen step (fault injection).
-STEP_DELAY_S = float(os.environ.get("BIGTRAIN_TEST_STEP_DELAY_S", "0"))
+EXPECTED_ERRORS = (ConfigError, DataError, CheckpointError, CheckpointSaveError)
 
 
 @dataclass
@@ -50,7 +49,28 @@ class TrainResult:
     final_step: int
     val_loss: Optional[float]
     checkpoint: Optional[Path]
-    preempted: bool = False
+    exit_code: int = OK  # exit_codes.REQUEUE after a preemption, INTERRUPTED after Ctrl-C
+
+
+@dataclass
+class TrainState:
+    """The trainer's counters, saved in every checkpoint (``trainer_state.json``)."""
+
+    samples_per_step: int
+    tokens_per_step: int  # 0 for tasks that are not text
+    step: int = 0  # optimizer steps done
+    val_loss: Optional[float] = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "tokens_seen": self.step * self.tokens_per_step,
+                "samples_seen": self.step * self.samples_per_step, "val_loss": self.val_loss}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step, self.val_loss = int(state["step"]), state.get("val_loss")
+
+
+class TrainingFailed(RuntimeError):
+    """An unexpected error during a run; the message says where (setup or which step) and what."""
 
 
 class SampleLog:
@@ -68,19 +88,20 @@ class SampleLog:
         self.fh.close()
 
 
+# Test hooks: slow the loop down to signal or kill a run at a chosen step; fail inside the loop.
+STEP_DELAY_S = float(os.environ.get("BIGTRAIN_TEST_STEP_DELAY_S", "0"))
+
+
+def injected_failure(step: int) -> None:
+    """``BIGTRAIN_FAULT=loop-error@<step>`` raises inside the loop at that step (fault injection)."""
+    if os.environ.get("BIGTRAIN_FAULT") == f"loop-error@{step}":
+        raise RuntimeError(f"injected failure at step {step} (BIGTRAIN_FAULT)")
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def mean_over_ranks(value: torch.Tensor) -> float:
-    """Host-syncing mean across ranks (only called at log/eval intervals)."""
-    value = value.detach().float().clone()
-    if tdist.is_initialized():
-        tdist.all_reduce(value)
-        value /= tdist.get_world_size()
-    return value.item()
 
 
 def evaluate(strategy, task: Task) -> Optional[dict[str, float]]:
@@ -103,165 +124,181 @@ def evaluate(strategy, task: Task) -> Optional[dict[str, float]]:
     return task.eval_metrics(list(stacked.cpu()))
 
 
-def train(cfg: RunConfig) -> TrainResult:
-    dist.check_precision_supported(cfg.precision)
-    info = dist.init(threads=cfg.train.threads, always=cfg.strategy.name != "single",
-                     accelerator=cfg.resources.accelerator)
-    cfg.check_world_size(info.world_size)
-    run_dir = cfg.run_dir
-    tracker_log = print if info.is_main else (lambda _msg: None)
+class Trainer:
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        self.phase = "setup"
+        self._teardown = contextlib.ExitStack()  # what setup acquired, released in reverse order
+        self._failed = False
 
-    task = build_task(cfg, info, tracker_log)
-    task.prepare()
-    if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(cfg.to_yaml())
+    # -- setup ------------------------------------------------------------------------------
+    def setup(self) -> None:
+        cfg, on_close = self.cfg, self._teardown.callback
+        dist.check_precision_supported(cfg.precision)
+        info = self.info = dist.init(threads=cfg.train.threads, always=cfg.strategy.name != "single",
+                                     accelerator=cfg.resources.accelerator)
+        cfg.check_world_size(info.world_size)
+        self.run_dir = cfg.run_dir
+        self.log = print if info.is_main else (lambda _msg: None)
 
-    seed_everything(cfg.seed)
-    model = task.build_model()
-    run_files = task.save_run_files(run_dir, model)
-    dist.barrier()
-    flops_per_sample = task.flops_per_sample(model)
-    n_params = sum(p.numel() for p in model.parameters())
-    strategy = build_strategy(cfg, info)
-    strategy.objective = task.objective
-    strategy.setup(model)
-
-    ckpt = CheckpointManager(run_dir, cfg.checkpoint, info, log=tracker_log, extra_files=run_files)
-    start_step, resumed_from, resume_state = 0, ckpt.agreed_resume_path(), {}
-    if resumed_from is not None:
-        resume_state = ckpt.load(resumed_from, strategy, cfg.model.model_dump(mode="json"))
-        start_step = resume_state["step"]
-
-    tracker = Tracker(cfg, run_dir, info.is_main, start_step)
-    tracker.log(f"run {cfg.run.name}: {cfg.task}, {n_params / 1e6:.2f}M params, strategy {strategy.name} x {info.world_size} "
-                f"({info.device.type}/{info.backend}), {strategy.details()}, precision {cfg.precision}, run dir {run_dir}")
-    slowdown = cpu_low_precision_slowdown(info.device, cfg.precision) if info.is_main else 1.0  # only rank 0 logs
-    if slowdown > 2:
-        tracker.log(f"warning: precision {cfg.precision}: a matmul runs {slowdown:.0f}x slower than in fp32 on this CPU "
-                    f"(no native {cfg.precision} instructions); training will be slow: use precision=fp32 here")
-    if cfg.model.pretrained:
-        tracker.log(f"fine-tuning {cfg.model.pretrained} (tokenizer: {cfg.data.tokenizer.path})")
-    if resumed_from:
-        tracker.log(f"resumed from {resumed_from} at step {start_step}")
-
-    reader = StatefulLoader(task.train_stream(), cfg.data.num_workers, cfg.data.prefetch_factor,
-                            pin_memory=info.device.type == "cuda")
-    if "data" in resume_state:
-        reader.load_state_dict(resume_state["data"])
-    else:  # a fresh run, or a checkpoint from before the reader state was saved: step s read s*B samples
-        reader.stream.start = start_step * cfg.train.global_batch_size
-    sample_log = SampleLog(run_dir, info.rank) if cfg.data.log_samples else None
-    accum = cfg.grad_accum_steps(info.world_size)
-    samples_per_step = cfg.train.global_batch_size
-    tokens_per_step = samples_per_step * task.tokens_per_sample  # 0 for images
-    peak = peak_flops(info.device, cfg.precision)
-    max_steps = cfg.train.max_steps
-    val_loss: Optional[float] = resume_state.get("val_loss")
-    preempt = Preemption(info.device, cfg.checkpoint.every_minutes)
-    stop = False
-
-    t_start = t_last = time.perf_counter()
-    last_logged = start_step
-    loss_sum = torch.zeros((), device=info.device)
-    for step in range(start_step, max_steps):
-        lr = lr_at(step, max_steps, cfg.optim.lr, cfg.schedule)
-        for micro in range(accum):
-            batch = reader.next()
-            if sample_log:
-                sample_log.write(step, batch)
-            loss_sum += strategy.forward_backward(batch, scale=1.0 / accum, last_micro=micro == accum - 1)
-        grad_norm = strategy.step(lr)
-        done = step + 1
-
-        if done % cfg.train.log_every == 0 or done == max_steps:
-            loss = mean_over_ranks(loss_sum) / (accum * (done - last_logged))
-            now = time.perf_counter()
-            sps = samples_per_step * (done - last_logged) / (now - t_last)
-            record = {"step": done, "loss": loss, "lr": lr, "grad_norm": float(grad_norm)}
-            if tokens_per_step:
-                record.update(tokens_per_s=sps * task.tokens_per_sample, tokens_seen=done * tokens_per_step)
-            record.update({
-                "samples_per_s": sps, "samples_seen": done * samples_per_step, "elapsed_s": now - t_start,
-                "epoch": reader.stream.epoch_of(reader.state_dict()["position"]),
-                "mfu": flops_per_sample * sps / (peak * info.world_size),
-                **{f"mem_{k}": v for k, v in strategy.memory_report().items()},
-            })
-            if not math.isfinite(loss):
-                tracker.log(f"step {done}: loss is {loss}; stopping")
-                raise FloatingPointError(f"loss became {loss} at step {done}")
-            tracker.log_metrics(record)
-            loss_sum.zero_()
-            t_last, last_logged = time.perf_counter(), done
-
-        if (cfg.train.eval_every and done % cfg.train.eval_every == 0) or done == max_steps:
-            evals = evaluate(strategy, task)
-            if evals is not None:
-                val_loss = evals["val_loss"]
-                tracker.log_eval({"step": done, **evals})
-            t_last = time.perf_counter()  # eval time is not training throughput
-
-        if STEP_DELAY_S:
-            time.sleep(STEP_DELAY_S)
-        stop, time_due = preempt.poll()  # agreed across ranks
-        ckpt.poll()  # commits a finished async save
-        last = done == max_steps
-        periodic = (cfg.checkpoint.every_steps and done % cfg.checkpoint.every_steps == 0) or time_due
-        if periodic or (last and cfg.checkpoint.save_final) or (stop and cfg.checkpoint.save_on_preempt):
-            state = {"step": done, "tokens_seen": done * tokens_per_step, "samples_seen": done * samples_per_step,
-                     "val_loss": val_loss, "data": reader.state_dict()}
-            ckpt.save(done, strategy, state, cfg.to_yaml(), asynchronous=cfg.checkpoint.async_ and not (stop or last))
-            preempt.mark_saved()
-            t_last = time.perf_counter()
-        if stop:
-            break
-    ckpt.wait()
-    reader.close()
-    if sample_log:
-        sample_log.close()
-    preempt.restore()
-    last_ckpt = ckpt.last_committed
-    if stop:
-        tracker.log(f"preempted ({preempt.requested}) after step {done}: checkpoint {last_ckpt}; "
-                    f"exiting with code {EXIT_REQUEUE} (requeue to resume)")
-        strategy.close()
-        tracker.close()
+        self.task = task = build_task(cfg, info, self.log)
+        task.prepare()
+        if info.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(cfg.to_yaml())
+        seed_everything(cfg.seed)
+        model = task.build_model()
+        run_files = task.save_run_files(self.run_dir, model)
         dist.barrier()
-        return TrainResult(run_dir, done, val_loss, last_ckpt, preempted=True)
+        flops_per_sample = task.flops_per_sample(model)
+        n_params = sum(p.numel() for p in model.parameters())
+        self.strategy = build_strategy(cfg, info, task.objective)
+        on_close(self.strategy.close)
+        self.strategy.setup(model)
 
-    if cfg.task == "causal_lm" and cfg.train.sample_tokens and start_step < max_steps:
-        text = sample_text(strategy, task.tokenizer, cfg, cfg.train.sample_prompt, cfg.train.sample_tokens)
-        tracker.log("sample:\n" + text.strip("\n"))
+        self.reader = StatefulLoader(task.train_stream(), cfg.data.num_workers, cfg.data.prefetch_factor,
+                                     pin_memory=info.device.type == "cuda")
+        on_close(self.reader.close)
+        samples_per_step = cfg.train.global_batch_size
+        self.state = TrainState(samples_per_step, samples_per_step * task.tokens_per_sample)
+        self.ckpt = CheckpointManager(self.run_dir, cfg.checkpoint, info, log=self.log, extra_files=run_files)
+        self.ckpt.attach(self.strategy, cfg.to_yaml(), cfg.model.model_dump(mode="json"),
+                         trainer=self.state, data=self.reader)
+        on_close(lambda: self.ckpt.close(error=self._failed))
+        resumed_from = self.ckpt.resume()
+        self.start_step = self.state.step
 
-    if info.is_main:
-        tracker.log(f"run dir:     {run_dir}")
-        tracker.log(f"checkpoint:  {last_ckpt}")
-        tracker.log(f"metrics:     {run_dir / 'metrics.jsonl'}  eval: {run_dir / 'eval.jsonl'}")
-        for line in task.summary(val_loss):
-            tracker.log(line)
-    strategy.close()
-    tracker.close()
-    dist.barrier()
-    return TrainResult(run_dir, max_steps, val_loss, last_ckpt)
+        self.tracker = Tracker(cfg, self.run_dir, info.is_main, self.start_step)
+        on_close(self.tracker.close)
+        self.tracker.log(f"run {cfg.run.name}: {cfg.task}, {n_params / 1e6:.2f}M params, strategy "
+                         f"{self.strategy.name} x {info.world_size} ({info.device.type}/{info.backend}), "
+                         f"{self.strategy.details()}, precision {cfg.precision}, run dir {self.run_dir}")
+        slowdown = cpu_low_precision_slowdown(info.device, cfg.precision) if info.is_main else 1.0  # rank 0 logs
+        if slowdown > 2:
+            self.tracker.log(f"warning: precision {cfg.precision}: a matmul runs {slowdown:.0f}x slower than in fp32 "
+                             f"on this CPU (no native {cfg.precision} instructions); training will be slow: use "
+                             f"precision=fp32 here")
+        if cfg.model.pretrained:
+            self.tracker.log(f"fine-tuning {cfg.model.pretrained} (tokenizer: {cfg.data.tokenizer.path})")
+        if resumed_from:
+            self.tracker.log(f"resumed from {resumed_from} at step {self.start_step}")
+
+        self.sample_log = SampleLog(self.run_dir, info.rank) if cfg.data.log_samples else None
+        if self.sample_log:
+            on_close(self.sample_log.close)
+        self.stops = StopRequests(info.device)
+        on_close(self.stops.restore)
+        self.metrics = StepMetrics(device=info.device, start_step=self.start_step, samples_per_step=samples_per_step,
+                                   tokens_per_sample=task.tokens_per_sample, flops_per_sample=flops_per_sample,
+                                   peak_flops=peak_flops(info.device, cfg.precision), world_size=info.world_size)
+
+    # -- the loop ---------------------------------------------------------------------------
+    def fit(self) -> TrainResult:
+        cfg, state, strategy, reader = self.cfg, self.state, self.strategy, self.reader
+        max_steps = cfg.train.max_steps
+        accum = cfg.grad_accum_steps(self.info.world_size)
+        stop = False
+        while state.step < max_steps and not stop:
+            step = state.step + 1
+            self.phase = f"step {step}"
+            lr = lr_at(state.step, max_steps, cfg.optim.lr, cfg.schedule)
+            for micro in range(accum):
+                batch = reader.next()
+                if self.sample_log:
+                    self.sample_log.write(state.step, batch)
+                self.metrics.add_loss(strategy.forward_backward(batch, scale=1.0 / accum, last_micro=micro == accum - 1))
+            grad_norm = strategy.step(lr)
+            state.step = step
+            injected_failure(step)
+
+            if step % cfg.train.log_every == 0 or step == max_steps:
+                record = self.metrics.record(step, lr=lr, grad_norm=grad_norm, epoch=reader.epoch,
+                                             memory=strategy.memory_report)
+                if not math.isfinite(record["loss"]):
+                    self.tracker.log(f"step {step}: loss is {record['loss']}; stopping")
+                    raise FloatingPointError(f"loss became {record['loss']} at step {step}")
+                self.tracker.log_metrics(record)
+            if (cfg.train.eval_every and step % cfg.train.eval_every == 0) or step == max_steps:
+                evals = evaluate(strategy, self.task)
+                if evals is not None:
+                    state.val_loss = evals["val_loss"]
+                    self.tracker.log_eval({"step": step, **evals})
+                self.metrics.pause()  # evaluation time is not training throughput
+            if STEP_DELAY_S:
+                time.sleep(STEP_DELAY_S)
+            stop, time_due = self.stops.poll(self.ckpt.time_due())  # agreed across ranks
+            if self.ckpt.step_end(step, last=step == max_steps, stop=stop, time_due=time_due):
+                self.metrics.pause()
+
+        self.phase = "the end of the run"
+        self.ckpt.close()  # the last save is committed
+        last = self.ckpt.last_committed
+        if stop:
+            why = "preempted" if self.stops.preempted else "interrupted"
+            self.tracker.log(f"{why} ({self.stops.requested}) after step {state.step}: checkpoint {last}; exiting with "
+                             f"code {self.stops.exit_code} (run the same command again to resume)")
+        else:
+            text = self.task.sample(strategy) if self.start_step < max_steps else None
+            if text is not None:
+                self.tracker.log("sample:\n" + text)
+            if self.info.is_main:
+                self.tracker.log(f"run dir:     {self.run_dir}")
+                self.tracker.log(f"checkpoint:  {last}")
+                self.tracker.log(f"metrics:     {self.run_dir / 'metrics.jsonl'}  eval: {self.run_dir / 'eval.jsonl'}")
+                for line in self.task.summary(state.val_loss):
+                    self.tracker.log(line)
+        dist.barrier()
+        return TrainResult(self.run_dir, state.step, state.val_loss, last,
+                           exit_code=self.stops.exit_code if stop else OK)
+
+    # -- teardown ---------------------------------------------------------------------------
+    def close(self, failed: bool = False) -> None:
+        """Release everything setup acquired, in reverse order: signal handlers, sample log,
+        tracker, the in-flight checkpoint (committed; after a failure: abandoned, its directory
+        removed), dataloader workers, the engine. Nothing collective runs after a failure."""
+        self._failed = failed
+        self._teardown.close()
+
+
+def train(cfg: RunConfig) -> TrainResult:
+    trainer = Trainer(cfg)
+    failed = True
+    try:
+        trainer.setup()
+        result = trainer.fit()
+        failed = False
+        return result
+    except EXPECTED_ERRORS:
+        raise
+    except Exception as err:
+        raise TrainingFailed(f"training failed in {trainer.phase}: {type(err).__name__}: {err}") from err
+    finally:
+        trainer.close(failed=failed)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: python -m bigtrain.train CONFIG [key=value ...]")
-        return EXIT_OK if argv else EXIT_BAD_INPUT
+        return OK if argv else BAD_INPUT
     try:
         cfg = load_config(argv[0], argv[1:])
-        result = train(cfg)
+        return train(cfg).exit_code
     except (ConfigError, DataError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return BAD_INPUT
     except CheckpointSaveError as err:
         print(f"error: {err}", file=sys.stderr)
-        return EXIT_FAILED
+        return FAILED
+    except KeyboardInterrupt:  # Ctrl-C before the loop could take it (data, model, engine setup)
+        print("interrupted during setup: nothing to save", file=sys.stderr)
+        return INTERRUPTED
+    except TrainingFailed as err:
+        traceback.print_exception(err.__cause__, file=sys.stderr)  # for whoever debugs it
+        print(f"error: {err}", file=sys.stderr)  # the last line says what failed
+        return FAILED
     finally:
         dist.shutdown()
-    return EXIT_REQUEUE if result.preempted else EXIT_OK
 
 
 def exit_now(code: int) -> None:

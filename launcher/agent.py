@@ -8,8 +8,10 @@ differences, both needed for preemption and requeue:
   saving a checkpoint would be lost. The agent exits with the workers' code instead (see
   :func:`combine_exit_codes`).
 * SIGUSR1 (SLURM's ``--signal``) is handled like SIGTERM: the agent forwards it to every worker's
-  process group, waits up to ``--shutdown-timeout`` seconds for them to checkpoint and exit, and
-  does not restart them.
+  process group, waits for them to checkpoint and exit, and does not restart them.
+* SIGINT (Ctrl-C in the terminal of ``bigtrain train --nproc N``) is passed on to every worker
+  (each runs in its own session, out of the terminal's reach): they save a checkpoint at the
+  next step and exit 130, and so does the agent. A second Ctrl-C makes them exit at once.
 
 It is the only launcher module that imports torch, and only inside :func:`main`.
 """
@@ -24,7 +26,7 @@ from typing import Iterable, Optional
 
 from bigtrain.exit_codes import BAD_INPUT, FAILED, OK, REQUEUE
 
-HANDLED_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1,SIGUSR2"
+HANDLED_SIGNALS = "SIGTERM,SIGHUP,SIGQUIT,SIGUSR1,SIGUSR2"  # SIGINT: see _pass_on_interrupts
 
 
 def combine_exit_codes(codes: Iterable[Optional[int]], signum: Optional[int] = None) -> int:
@@ -61,6 +63,20 @@ def _with_signals(argv: list[str]) -> list[str]:
     return [f"--signals-to-handle={HANDLED_SIGNALS}", *argv]
 
 
+def _pass_on_interrupts(workers: list) -> None:
+    """Ctrl-C reaches the agent only: hand it to every live worker's process group."""
+
+    def forward(signum, _frame) -> None:
+        for proc in workers:
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGINT)
+                except ProcessLookupError:
+                    pass
+
+    signal.signal(signal.SIGINT, forward)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     from torch.distributed import run as torchrun
@@ -84,6 +100,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     sh.SubprocessHandler._popen = recording_popen
 
+    _pass_on_interrupts(workers)
     args = torchrun.parse_args(_with_signals(argv))
     nproc = max(1, int(args.nproc_per_node)) if str(args.nproc_per_node).isdigit() else 1
     try:

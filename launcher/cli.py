@@ -38,7 +38,8 @@ def training_command(config_path: str, overrides: list[str], nproc: int) -> list
     entry = ["-m", "bigtrain.train", config_path, *overrides]
     if nproc == 1:
         return [sys.executable, *entry]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *entry]
+    # launcher.agent is torchrun that passes Ctrl-C on to the ranks and exits with their code
+    return [sys.executable, "-m", "launcher.agent", "--standalone", f"--nproc-per-node={nproc}", *entry]
 
 
 def cmd_train(args: argparse.Namespace) -> int:

@@ -29,8 +29,7 @@ def probe(argv: list[str]) -> dict:
     layers = [layer for block in blocks for layer in block.children()]
     for layer in layers:  # transformers checkpoints a block's forward: hooks on the block run once
         layer.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
-    strategy = build_strategy(cfg, info)
-    strategy.objective = task.objective
+    strategy = build_strategy(cfg, info, task.objective)
     strategy.setup(model)
     batch = StatefulLoader(task.train_stream()).next()
     saved = [0]

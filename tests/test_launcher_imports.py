@@ -25,4 +25,4 @@ def test_dry_run_prints_the_rank_command():
     single = training_command("c.yaml", ["optim.lr=1"], 1)
     assert single[1:] == ["-m", "bigtrain.train", "c.yaml", "optim.lr=1"]
     multi = training_command("c.yaml", [], 2)
-    assert "torch.distributed.run" in multi and "--nproc-per-node=2" in multi
+    assert "launcher.agent" in multi and "--nproc-per-node=2" in multi

@@ -91,6 +91,15 @@ class PositionalStream(IterableDataset):
         self.start = int(state["position"])
 
 
+def _ignore_stop_signals(_worker_id: int) -> None:
+    """Dataloader workers leave Ctrl-C and preemption signals to the training process (it saves a
+    checkpoint at the next step and needs its workers for that); they end with their loader."""
+    import signal
+
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 class StatefulLoader:
     """The training process's view: next micro-batch, and the reader state at step boundaries."""
 
@@ -108,7 +117,7 @@ class StatefulLoader:
             else:
                 self._iter = iter(DataLoader(self.stream, batch_size=None, num_workers=self.num_workers,
                                              prefetch_factor=self.prefetch_factor, pin_memory=self.pin_memory,
-                                             persistent_workers=False))
+                                             persistent_workers=False, worker_init_fn=_ignore_stop_signals))
         return self._iter
 
     def next(self) -> dict[str, torch.Tensor]:
@@ -120,17 +129,32 @@ class StatefulLoader:
     def steps_done(self) -> int:
         return self._consumed // self.stream.accum
 
+    @property
+    def epoch(self) -> float:
+        """Passes over the training set so far (fractional), at a step boundary."""
+        return self.stream.epoch_of(self.state_dict()["position"])
+
+    def seek(self, step: int) -> None:
+        """Start at optimizer step ``step`` of this run's order (step s read s global batches)."""
+        self.close()
+        self.stream.start, self._consumed = step * self.stream.global_batch, 0
+
     def state_dict(self) -> dict[str, Any]:
         if self._consumed % self.stream.accum:
             raise RuntimeError("the reader state is only defined at optimizer-step boundaries")
         return self.stream.state_dict(self.steps_done)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.close()
         self.stream.load_state_dict(state)
-        self._iter, self._consumed = None, 0
+        self._consumed = 0
 
     def close(self) -> None:
-        self._iter = None  # a DataLoader iterator shuts its workers down when released
+        """Stop the dataloader workers now (not when the iterator is garbage collected)."""
+        shutdown = getattr(self._iter, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+        self._iter = None
 
 
 class TokenWindows:

@@ -2,28 +2,31 @@
 
 from __future__ import annotations
 
+from typing import Callable, Optional
+
 from bigtrain.config import RunConfig
 from bigtrain.dist import DistInfo
 from bigtrain.strategies.base import Strategy
 
 
-def build_strategy(cfg: RunConfig, info: DistInfo) -> Strategy:
-    """Import only the engine the config names (DeepSpeed is slow to import)."""
+def build_strategy(cfg: RunConfig, info: DistInfo, objective: Optional[Callable] = None) -> Strategy:
+    """The engine the config names, computing ``objective(model, batch) -> loss`` (default: the
+    causal-LM loss). Imports only that engine (DeepSpeed is slow to import)."""
     name = cfg.strategy.name
     if name == "single":
         from bigtrain.strategies.single import SingleStrategy
 
-        return SingleStrategy(cfg, info)
+        return SingleStrategy(cfg, info, objective)
     if name == "ddp":
         from bigtrain.strategies.ddp import DDPStrategy
 
-        return DDPStrategy(cfg, info)
+        return DDPStrategy(cfg, info, objective)
     if name == "fsdp":
         from bigtrain.strategies.fsdp import FSDPStrategy
 
-        return FSDPStrategy(cfg, info)
+        return FSDPStrategy(cfg, info, objective)
     if name == "deepspeed":
         from bigtrain.strategies.deepspeed import DeepSpeedStrategy
 
-        return DeepSpeedStrategy(cfg, info)
+        return DeepSpeedStrategy(cfg, info, objective)
     raise ValueError(f"strategy.name: unknown strategy '{name}'")

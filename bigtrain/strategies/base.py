@@ -59,13 +59,14 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
 class Strategy(ABC):
     name: str = "base"
 
-    def __init__(self, cfg: RunConfig, info: DistInfo):
+    def __init__(self, cfg: RunConfig, info: DistInfo,
+                 objective: Callable[[nn.Module, dict], torch.Tensor] | None = None):
         self.cfg = cfg
         self.info = info
         self.device = info.device
         self.model: nn.Module | None = None  # what forward runs on (possibly wrapped)
-        # (model, batch on device) -> scalar loss; the task sets it (bigtrain/tasks)
-        self.objective: Callable[[nn.Module, dict], torch.Tensor] = causal_lm_loss
+        # (model, batch on device) -> scalar loss: the task's (bigtrain/tasks)
+        self.objective: Callable[[nn.Module, dict], torch.Tensor] = objective or causal_lm_loss
         self.input_dtype: torch.dtype | None = None  # see to_device
 
     # -- setup ---------------------------------------------------------------------------

@@ -92,6 +92,11 @@ class Task:
                 self.tokenizer.save_files(run_dir)
         return tuple(files)
 
+    def sample(self, strategy) -> Optional[str]:
+        """What the trained model produces at the end of a run, to show (collective: every rank
+        calls; sharded engines run collective forwards). None: nothing to show."""
+        return None
+
     def summary(self, val_loss: Optional[float]) -> list[str]:
         """Closing lines of a finished run."""
         return []

@@ -13,6 +13,7 @@ from bigtrain.data.shards import PreparedData, open_prepared
 from bigtrain.data.stream import CausalLMStream, eval_batches
 from bigtrain.data.tokenizer import load_tokenizer
 from bigtrain.models import build_causal_lm, flops_per_token
+from bigtrain.sample import sample_text
 from bigtrain.strategies.base import causal_lm_loss
 from bigtrain.tasks.base import Task, check_vocabulary
 
@@ -58,6 +59,12 @@ class CausalLMTask(Task):
 
     def flops_per_sample(self, model):
         return flops_per_token(model, self.cfg.train.seq_len) * self.cfg.train.seq_len
+
+    def sample(self, strategy) -> Optional[str]:
+        t = self.cfg.train
+        if not t.sample_tokens:
+            return None
+        return sample_text(strategy, self.tokenizer, self.cfg, t.sample_prompt, t.sample_tokens).strip("\n")
 
     @property
     def unigram_entropy(self) -> float:

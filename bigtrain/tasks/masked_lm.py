@@ -66,5 +66,8 @@ class MaskedLMTask(CausalLMTask):
         ids = torch.zeros((1, self.cfg.train.seq_len), dtype=torch.long, device=next(model.parameters()).device)
         return training_flops(model, input_ids=ids)
 
+    def sample(self, strategy):
+        return None  # an encoder does not generate
+
     def summary(self, val_loss):
         return [] if val_loss is None else [f"val masked-token loss {val_loss:.4f} nats"]

@@ -1,186 +1,46 @@
-"""Checkpoints: atomic commit with a verified manifest, async writes, retention, latest-valid discovery.
+"""The checkpoint manager: when to save (the policy), atomic commits, async writes, retention,
+resume.
 
-Layout: ``RUN_DIR/checkpoints/step-N/`` holds the engine's files (written by the strategy on
-every rank), ``rng-<rank>.json`` per rank, ``trainer_state.json`` (step, tokens, data-reader
-position, ...), ``config.yaml`` and, written last, ``manifest.json`` (every file's size and
-sha256, world size, strategy, versions).
+The training loop makes one call per step, :meth:`CheckpointManager.step_end`, and the manager
+decides (see :func:`save_decision`): every ``checkpoint.every_steps`` steps or ``every_minutes``
+minutes, at the last step (``save_final``), and when the run is told to stop (preemption, Ctrl-C:
+``save_on_preempt``). It saves what was attached to it: the engine's model and optimizer state,
+the data reader's position, the trainer's counters, and each rank's RNG.
 
 Commit protocol: everything is written into ``step-N.tmp/``; when every rank has finished, rank 0
 computes the manifest, fsyncs the files and the directory, and renames ``step-N.tmp`` to
-``step-N``. So a directory named ``step-N`` whose manifest checks out is a complete checkpoint,
-and a crash at any moment leaves the previous checkpoints untouched. Readers never trust
-anything else: leftover ``*.tmp`` directories are ignored and removed by the next save.
+``step-N``. A crash at any moment leaves the previous checkpoints untouched; leftover ``*.tmp``
+directories are ignored and removed by the next save (or by :meth:`close` after an error).
 
 Async (``checkpoint.async``): the engine writes in the background (DCP ``async_save`` for FSDP, a
-writer thread for the others) and rank 0 commits in a thread; training continues. At most one
-save is in flight: a new save, the end of training, or a preemption first waits for it.
+writer thread for single/DDP; DeepSpeed saves synchronously and says so) and rank 0 commits in a
+thread; training continues. At most one save is in flight: a new save, the end of training, or a
+stop first waits for it.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import random
-import re
 import shutil
-import signal
 import threading
 import time
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-import numpy as np
 import torch
 import torch.distributed as tdist
 import yaml
 
 from bigtrain import dist
+from bigtrain.checkpoint.files import (MANIFEST, REPLICATED, CheckpointError, CheckpointSaveError, fault_point,
+                                       fsync_dir, fsync_tree, list_checkpoints, model_differences, rng_state,
+                                       set_rng_state, set_saving_step, step_of, verify, versions, derived_dir)
+from bigtrain.checkpoint.policy import Stateful, save_decision
 from bigtrain.config import CheckpointSection
 from bigtrain.data.shards import sha256_file
 from bigtrain.dist import DistInfo
-
-MANIFEST = "manifest.json"
-_STEP_DIR = re.compile(r"^step-(\d+)$")
-# Engines whose checkpoint files are interchangeable (full, unsharded model + optimizer state).
-_REPLICATED = {"single", "ddp"}
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be used; the message is one line naming the file."""
-
-
-class CheckpointSaveError(RuntimeError):
-    """Writing a checkpoint failed (disk full, permissions, ...); the previous one is kept."""
-
-
-# ---------------------------------------------------------------------------------------------
-# files
-# ---------------------------------------------------------------------------------------------
-
-
-_saving_step: Optional[int] = None  # the step being saved, for fault_point
-
-
-def fault_point(name: str) -> None:
-    """Fault injection for tests: ``BIGTRAIN_FAULT=<name>[@<step>]`` SIGKILLs this process right
-    here (only while saving checkpoint ``<step>`` if one is given)."""
-    want, _, at = os.environ.get("BIGTRAIN_FAULT", "").partition("@")
-    if want == name and (not at or int(at) == _saving_step):
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(root: Path) -> None:
-    for path in sorted(root.rglob("*")):
-        if path.is_file():
-            with open(path, "rb") as fh:
-                os.fsync(fh.fileno())
-    for path in sorted([root, *[p for p in root.rglob("*") if p.is_dir()]]):
-        _fsync_dir(path)
-
-
-def rng_state() -> dict[str, Any]:
-    """Python, numpy and torch RNG states as plain JSON (no pickles)."""
-    version, internal, gauss = random.getstate()
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    state: dict[str, Any] = {
-        "python": [version, list(internal), gauss],
-        "numpy": [name, keys.tolist(), pos, has_gauss, cached],
-        "torch": torch.get_rng_state().tolist(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state().tolist()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
-
-
-def derived_dir(checkpoint: Path, kind: str) -> Path:
-    """Where data derived from a checkpoint lives (e.g. DeepSpeed's universal conversion):
-    hidden beside it as ``.step-N.<kind>``, never taken for a checkpoint, pruned with it."""
-    return checkpoint.parent / f".{checkpoint.name}.{kind}"
-
-
-def step_of(path: Path) -> int:
-    match = _STEP_DIR.match(path.name)
-    if not match:
-        raise CheckpointError(f"{path}: not a checkpoint directory (expected a name like step-100)")
-    return int(match.group(1))
-
-
-def _versions() -> dict[str, str]:
-    import transformers
-
-    out = {"torch": torch.__version__, "transformers": transformers.__version__}
-    try:
-        from importlib.metadata import version
-
-        out["deepspeed"] = version("deepspeed")
-        out["bigtrain"] = version("bigtrain")
-    except Exception:  # not installed as a distribution
-        pass
-    return out
-
-
-def list_checkpoints(root: Path) -> list[Path]:
-    """Committed ``step-N`` directories under ``root``, newest first (validity not checked)."""
-    if not Path(root).is_dir():
-        return []
-    found = [p for p in Path(root).iterdir() if p.is_dir() and _STEP_DIR.match(p.name)]
-    return sorted(found, key=step_of, reverse=True)
-
-
-def verify(path: Path, level: str = "checksum") -> dict[str, Any]:
-    """Return the manifest of checkpoint ``path`` or raise CheckpointError naming what is wrong.
-
-    ``level``: "checksum" re-hashes every file (detects bit flips); "size" only compares sizes.
-    """
-    path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: no such checkpoint directory")
-    mpath = path / MANIFEST
-    if not mpath.is_file():
-        raise CheckpointError(f"{path}: no {MANIFEST} (incomplete checkpoint)")
-    try:
-        manifest = json.loads(mpath.read_text())
-        files = manifest["files"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        raise CheckpointError(f"{mpath}: corrupt manifest") from None
-    for rel, meta in files.items():
-        fpath = path / rel
-        if not fpath.is_file():
-            raise CheckpointError(f"{fpath}: missing")
-        if fpath.stat().st_size != meta["bytes"]:
-            raise CheckpointError(f"{fpath}: size {fpath.stat().st_size}, manifest says {meta['bytes']} (truncated)")
-        if level == "checksum" and sha256_file(fpath) != meta["sha256"]:
-            raise CheckpointError(f"{fpath}: checksum mismatch (corrupted)")
-    return manifest
-
-
-# Model keys that change parameter shapes or meaning (dropout, for one, does not).
-_ARCHITECTURE_KEYS = ("name", "n_layer", "n_head", "n_kv_head", "d_model", "d_ff", "vocab_size",
-                      "max_seq_len", "tie_embeddings")
-
-
-def _model_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    keys = [k for k in _ARCHITECTURE_KEYS if k in saved or k in current]
-    return [f"model.{k} ({saved.get(k)!r} vs {current.get(k)!r})" for k in keys if saved.get(k) != current.get(k)]
 
 
 class _Pending:
@@ -212,6 +72,77 @@ class CheckpointManager:
         self._commit_error: Optional[BaseException] = None
         self.last_committed: Optional[Path] = None
         self._said_sync = False
+        # what every checkpoint holds (attach)
+        self.strategy = None
+        self.states: dict[str, Stateful] = {}
+        self.config_yaml, self.model_config = "", {}
+        self._last_save_time = time.monotonic()
+
+    # -- the training loop's interface ------------------------------------------------------
+    def attach(self, strategy, config_yaml: str, model_config: dict[str, Any], **states: Stateful) -> None:
+        """What every checkpoint saves and a resume restores: the engine's state, the run's
+        config, and named states. ``trainer``'s keys go at the top of ``trainer_state.json``
+        (step, tokens_seen, ...); any other state goes under its name (``data``: the reader)."""
+        self.strategy, self.config_yaml, self.model_config, self.states = strategy, config_yaml, model_config, states
+
+    def resume(self) -> Optional[Path]:
+        """Collective: load the checkpoint ``checkpoint.resume`` selects into the engine and the
+        attached states; None when the run starts fresh. A state the checkpoint lacks (written
+        before it existed) is asked to ``seek(step)`` instead."""
+        path = self.agreed_resume_path()
+        if path is None:
+            return None
+        blob = self.load(path, self.strategy, self.model_config)
+        for name, state in self.states.items():
+            if name == "trainer":
+                state.load_state_dict(blob)
+            elif name in blob:
+                state.load_state_dict(blob[name])
+            else:
+                state.seek(blob["step"])
+        return path
+
+    def time_due(self) -> bool:
+        """This rank's clock: ``every_minutes`` have passed since the last save (ranks must agree
+        on it before :meth:`step_end`; the loop's stop poll carries it)."""
+        every_s = self.cfg.every_minutes * 60
+        return every_s > 0 and time.monotonic() - self._last_save_time >= every_s
+
+    def step_end(self, step: int, *, last: bool, stop: bool = False, time_due: bool = False) -> bool:
+        """Collective, once per optimizer step: commit a finished background save, then save
+        ``step`` if :func:`save_decision` says so. Returns whether a save was made or started."""
+        self.poll()
+        decision = save_decision(self.cfg, step, last=last, stop=stop, time_due=time_due)
+        if decision is None:
+            return False
+        state: dict[str, Any] = {}
+        for name, source in self.states.items():
+            if name == "trainer":
+                state.update(source.state_dict())
+            else:
+                state[name] = source.state_dict()
+        self.save(step, self.strategy, state, self.config_yaml, asynchronous=decision == "async")
+        self._last_save_time = time.monotonic()
+        return True
+
+    def close(self, *, error: bool = False) -> None:
+        """The run is over: wait for the save in flight and commit it. After an error (other
+        ranks may be gone) nothing collective runs: this rank's writes are awaited (up to a
+        minute), and rank 0 removes every uncommitted ``step-*.tmp`` directory."""
+        if not error:
+            self.wait()
+            return
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            try:
+                pending.handle.result(timeout=60)
+            except (Exception, FutureTimeout):  # the run is failing already; its error is the one to report
+                pass
+        if self._commit_thread is not None:
+            self._commit_thread.join(timeout=60)
+        if self.info.is_main and self.root.is_dir():
+            for stale in self.root.glob("step-*.tmp"):
+                shutil.rmtree(stale, ignore_errors=True)
 
     # -- discovery ------------------------------------------------------------------------
     def checkpoints(self) -> list[Path]:
@@ -256,9 +187,8 @@ class CheckpointManager:
     def save(self, step: int, strategy, trainer_state: dict[str, Any], config_yaml: str,
              asynchronous: bool = False) -> None:
         """Collective: every rank calls. Starts (async) or completes (sync) checkpoint ``step``."""
-        global _saving_step
         self.wait()  # at most one save in flight
-        _saving_step = step
+        set_saving_step(step)
         tmp = self.root / f"step-{step}.tmp"
         ok = True
         error = ""
@@ -361,16 +291,16 @@ class CheckpointManager:
                 "world_size": self.info.world_size,
                 "strategy": pending.strategy,
                 "created_s": round(time.time(), 3),
-                "versions": _versions(),
+                "versions": versions(),
                 "files": files,
             }
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-            _fsync_tree(tmp)
+            fsync_tree(tmp)
             fault_point("checkpoint-before-rename")
             if final.exists():
                 shutil.rmtree(final)
             tmp.rename(final)
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
             self.last_committed = final
             self.log(f"checkpoint: saved {final} ({time.perf_counter() - pending.started:.1f}s)")
             self._prune()
@@ -435,11 +365,11 @@ class CheckpointManager:
         path = Path(path)
         manifest = verify(path, "size")  # content was verified when the path was chosen
         saved_cfg = yaml.safe_load((path / "config.yaml").read_text()) or {}
-        diffs = _model_differences(saved_cfg.get("model", {}), model_config)
+        diffs = model_differences(saved_cfg.get("model", {}), model_config)
         if diffs:
             raise CheckpointError(f"{path}: written for a different model: {', '.join(diffs[:3])}")
         saved_strategy = manifest.get("strategy")
-        if saved_strategy != strategy.name and not {saved_strategy, strategy.name} <= _REPLICATED:
+        if saved_strategy != strategy.name and not {saved_strategy, strategy.name} <= REPLICATED:
             raise CheckpointError(f"{path}: written by strategy '{saved_strategy}'; this run uses "
                                   f"'{strategy.name}' (export it to Hugging Face format to switch engines)")
         strategy.load(path)

@@ -1,0 +1,79 @@
+"""Requests to stop a run at the next step boundary: preemption and Ctrl-C.
+
+* SIGTERM / SIGUSR1 (SLURM's ``--signal``, ``scontrol requeue``, a cluster's preemption): save a
+  checkpoint at the next step boundary and exit with ``exit_codes.REQUEUE`` (75), so the launcher
+  or the sbatch script starts the run again and it resumes.
+* SIGINT (Ctrl-C): the same save, then exit with ``exit_codes.INTERRUPTED`` (130). A second
+  Ctrl-C exits at once, without a checkpoint.
+
+The handlers only set flags. The loop polls once per step; with several ranks the flags are
+combined with one all-reduce (on the compute device), so every rank stops at the same step even
+if only one of them was signalled. The same all-reduce carries the checkpoint manager's "time-based
+save due" flag, so ranks agree on it too.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from bigtrain.exit_codes import INTERRUPTED, REQUEUE
+
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class StopRequests:
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.preempted: Optional[str] = None  # the signal's name, or "peer rank"
+        self.interrupted: Optional[str] = None
+        self._previous = {}
+        for sig in (*PREEMPTION_SIGNALS, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, _frame) -> None:
+        name = signal.Signals(signum).name
+        if signum != signal.SIGINT:
+            self.preempted = self.preempted or name
+        elif self.interrupted:
+            os.write(2, b"interrupted again: exiting now, without a checkpoint\n")
+            os._exit(INTERRUPTED)
+        else:
+            self.interrupted = name
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    @property
+    def requested(self) -> Optional[str]:
+        """Why the run stops (the signal's name), None if it was not asked to."""
+        return self.preempted or self.interrupted
+
+    @property
+    def exit_code(self) -> int:
+        """Preemption wins over Ctrl-C: a preempted job must be requeued."""
+        return REQUEUE if self.preempted else INTERRUPTED
+
+    def poll(self, time_due: bool = False) -> tuple[bool, bool]:
+        """(stop now, time-based save due), agreed by every rank.
+
+        One process: plain Python, no device sync. Several ranks: one 3-int all-reduce per step
+        (the price of every rank stopping at the same step).
+        """
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            flags = torch.tensor([self.preempted is not None, self.interrupted is not None, time_due],
+                                 dtype=torch.int32, device=self.device)
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            preempted, interrupted, due = flags.tolist()
+            if preempted and not self.preempted:
+                self.preempted = "peer rank"
+            if interrupted and not self.interrupted:
+                self.interrupted = "peer rank"
+            time_due = bool(due)
+        return self.requested is not None, time_due
