@@ -1,6 +1,6 @@
 # Two commands on a fresh machine:
 #   make train   install, then pretrain the tiny GPT on Shakespeare (CPU, a few minutes)
-#   make test    install, then run the test suite
+#   make test    install, then lint (ruff) and run the test suite
 PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
@@ -8,7 +8,9 @@ export HF_HUB_OFFLINE = 1
 export HF_DATASETS_OFFLINE = 1
 export TRANSFORMERS_OFFLINE = 1
 
-.PHONY: install train test bench
+LINTED  = bigtrain launcher tests benchmarks
+
+.PHONY: install train test lint bench
 install: $(VENV)/.installed
 
 # torch first, pinned: on machines without GPUs this takes the local CPU wheel; an unpinned
@@ -23,8 +25,11 @@ $(VENV)/.installed: pyproject.toml
 train: install
 	$(BIN)/bigtrain train configs/gpt-tiny.yaml
 
-test: install
+test: install lint
 	$(BIN)/python -m pytest tests
+
+lint: install
+	$(BIN)/ruff check $(LINTED)
 
 bench: install
 	$(BIN)/python benchmarks/loop_overhead.py

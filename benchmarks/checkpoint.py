@@ -30,11 +30,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bigtrain import dist  # noqa: E402
-from bigtrain.checkpoint import CheckpointManager  # noqa: E402
-from bigtrain.config import load_config  # noqa: E402
-from bigtrain.models import build_causal_lm  # noqa: E402
-from bigtrain.strategies import build_strategy  # noqa: E402
+from bigtrain import dist
+from bigtrain.checkpoint import CheckpointManager
+from bigtrain.config import load_config
+from bigtrain.models import build_causal_lm
+from bigtrain.strategies import build_strategy
 
 MODELS = {
     "gpt-tiny": [],
@@ -44,7 +44,8 @@ MODELS = {
 
 def measure(name: str, overrides: list[str], strategy_name: str, repeats: int, info, workdir: Path) -> dict:
     """Collective when ``info.world_size > 1``; the numbers are rank 0's."""
-    cfg = load_config(ROOT / "configs" / "gpt-tiny.yaml", ["train.seq_len=64", f"train.global_batch_size={2 * info.world_size}",
+    cfg = load_config(ROOT / "configs" / "gpt-tiny.yaml", ["train.seq_len=64",
+                                                           f"train.global_batch_size={2 * info.world_size}",
                                                            "train.micro_batch_size=2", f"strategy.name={strategy_name}",
                                                            *overrides])
     vocab = cfg.data.tokenizer.vocab_size
@@ -87,7 +88,8 @@ def run_ranks(nproc: int, repeats: int, workdir: Path) -> list[dict]:
     """The FSDP rows: this script again under torchrun, rank 0 writes them to a file."""
     out = workdir / "fsdp.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           __file__, "--worker", "fsdp", "--repeats", str(repeats), "--workdir", str(workdir / "fsdp"), "--out", str(out)]
+           __file__, "--worker", "fsdp", "--repeats", str(repeats), "--workdir", str(workdir / "fsdp"), "--out",
+           str(out)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     if proc.returncode:

@@ -27,12 +27,12 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bigtrain import train as bt_train  # noqa: E402
-from bigtrain.config import load_config  # noqa: E402
-from bigtrain.data.prepare import prepare  # noqa: E402
-from bigtrain.data.shards import MANIFEST, open_prepared, sha256_file  # noqa: E402
-from bigtrain.data.stream import CausalLMStream, StatefulLoader  # noqa: E402
-from bigtrain.tracking.jsonl import read_jsonl  # noqa: E402
+from bigtrain import train as bt_train
+from bigtrain.config import load_config
+from bigtrain.data.prepare import prepare
+from bigtrain.data.shards import MANIFEST, open_prepared, sha256_file
+from bigtrain.data.stream import CausalLMStream, StatefulLoader
+from bigtrain.tracking.jsonl import read_jsonl
 
 
 def training_tokens_per_s(cfg, steps: int, workdir: Path) -> float:

@@ -142,8 +142,10 @@ def build_cases(sizes: Sizes, text: Path, work: Path, cuda: bool, gpus: int) -> 
                 "checkpoint.keep_last=2", "train.log_every=1"]
     cases = []
     for precision in (["bf16", "fp16"] if cuda else ["bf16"]):
-        cases.append(Case(f"main-{precision}", [cli("train", "configs/gpt-tiny.yaml", "run.dir={run}", f"data.path={text}",
-                                                    *common, f"precision={precision}", f"train.max_steps={sizes.main_steps}",
+        cases.append(Case(f"main-{precision}", [cli("train", "configs/gpt-tiny.yaml", "run.dir={run}",
+                                                    f"data.path={text}",
+                                                    *common, f"precision={precision}",
+                                                    f"train.max_steps={sizes.main_steps}",
                                                     "train.eval_every=0", "train.sample_tokens=16")],
                           [evaluated_at(sizes.main_steps), finite_losses]))
     for name, strategy in STRATEGIES.items():
@@ -158,9 +160,11 @@ def build_cases(sizes: Sizes, text: Path, work: Path, cuda: bool, gpus: int) -> 
         Case("compile-single", [cli("train", *gpt2, "run.dir={run}", "train.compile=true", *schedule,
                                     "checkpoint.every_steps=0", "train.global_batch_size={gb}")], [finite_losses]),
         Case("compile-fsdp", [cli("train", *gpt2, "run.dir={run}", "strategy.name=fsdp", "train.compile=true",
-                                  *schedule, "checkpoint.every_steps=0", "train.global_batch_size={gb}")], [finite_losses]),
+                                  *schedule, "checkpoint.every_steps=0", "train.global_batch_size={gb}")],
+                                  [finite_losses]),
         Case("compile-zero3", [cli("train", *gpt2, "run.dir={run}", *STRATEGIES["zero3"], "train.compile=true",
-                                   *schedule, "checkpoint.every_steps=0", "train.global_batch_size={gb}")], [finite_losses]),
+                                   *schedule, "checkpoint.every_steps=0", "train.global_batch_size={gb}")],
+                                   [finite_losses]),
         Case("activation-checkpointing-fsdp", [cli("train", *gpt2, "run.dir={run}", "strategy.name=fsdp",
                                                    "strategy.activation_checkpointing=true", *schedule,
                                                    "checkpoint.every_steps=0", "train.global_batch_size={gb}")],
@@ -171,7 +175,8 @@ def build_cases(sizes: Sizes, text: Path, work: Path, cuda: bool, gpus: int) -> 
         Case("sequence-classification", [cli("train", "configs/bert-classifier-tiny.yaml", "run.dir={run}",
                                              f"data.path={work / 'records' / 'train.tsv'}",
                                              f"data.val_path={work / 'records' / 'val.tsv'}", *common, *sizes.bert,
-                                             f"train.max_steps={n}", f"train.eval_every={half}", "train.eval_batches=2")],
+                                             f"train.max_steps={n}", f"train.eval_every={half}",
+                                             "train.eval_batches=2")],
              [evaluated_at(half, n), finite_losses]),
         Case("resnet", [cli("train", "configs/resnet-tiny.yaml", "run.dir={run}", "data.path={run}-images",
                             "data.download=synthetic-images", *common,
@@ -184,21 +189,24 @@ def build_cases(sizes: Sizes, text: Path, work: Path, cuda: bool, gpus: int) -> 
                                                        "checkpoint.every_steps=0", "train.global_batch_size={gb}",
                                                        "--nproc", "2")],  # the last --nproc wins
                               [loss_parity("single-reference", 0.05)], nproc=2))
-        cases.append(Case("single-reference", [cli("train", *gpt2, "run.dir={run}", *schedule, "checkpoint.every_steps=0",
+        cases.append(Case("single-reference", [cli("train", *gpt2, "run.dir={run}", *schedule,
+                                                   "checkpoint.every_steps=0",
                                                    "train.global_batch_size={gb}")], [finite_losses]))
     perf = ["train.max_steps=30", "train.log_every=5", "train.eval_every=0", "checkpoint.save_final=false",
             "train.global_batch_size={gb}"]
     cases += [Case("perf-single-eager", [cli("train", *gpt2, "run.dir={run}", *perf)], [finite_losses], solo=True),
               Case("perf-single-compiled", [cli("train", *gpt2, "run.dir={run}", "train.compile=true", *perf)],
                    [finite_losses], solo=True),
-              Case("perf-fsdp-compiled", [cli("train", *gpt2, "run.dir={run}", "strategy.name=fsdp", "train.compile=true",
+              Case("perf-fsdp-compiled", [cli("train", *gpt2, "run.dir={run}", "strategy.name=fsdp",
+                                              "train.compile=true",
                                               *perf)], [finite_losses], solo=True)]
     return cases
 
 
 def write_records(text: Path, out: Path) -> None:
     """Labelled sentences from the corpus for sequence classification: is a line a question?"""
-    lines = [ln.strip().replace("\t", " ") for ln in text.read_text(errors="replace").splitlines() if len(ln.strip()) > 20]
+    lines = [ln.strip().replace("\t", " ") for ln in text.read_text(errors="replace").splitlines()]
+    lines = [ln for ln in lines if len(ln) > 20]
     out.mkdir(parents=True, exist_ok=True)
     for name, part in (("train.tsv", lines[: len(lines) * 9 // 10]), ("val.tsv", lines[len(lines) * 9 // 10:])):
         rows = ["label\tsentence"] + [f"{'question' if ln.endswith('?') else 'statement'}\t{ln}" for ln in part]
@@ -285,7 +293,8 @@ def main(argv: list[str] | None = None) -> int:
 
     cuda = torch.cuda.is_available()
     if not cuda and not args.allow_cpu:
-        print(json.dumps({"cuda": False, "rows": [], "note": "no CUDA device here; --allow-cpu runs the matrix on the CPU"}))
+        print(json.dumps({"cuda": False, "rows": [],
+                          "note": "no CUDA device here; --allow-cpu runs the matrix on the CPU"}))
         return 0
     gpus = torch.cuda.device_count() if cuda else 0
     text = args.text or ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"

@@ -26,12 +26,12 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bigtrain import train as bt_train  # noqa: E402
-from bigtrain.config import load_config  # noqa: E402
-from bigtrain.data.stream import CausalLMStream  # noqa: E402
-from bigtrain.data.prepare import prepare  # noqa: E402
-from bigtrain.models import build_causal_lm  # noqa: E402
-from bigtrain.tracking.jsonl import read_jsonl  # noqa: E402
+from bigtrain import train as bt_train
+from bigtrain.config import load_config
+from bigtrain.data.prepare import prepare
+from bigtrain.data.stream import CausalLMStream
+from bigtrain.models import build_causal_lm
+from bigtrain.tracking.jsonl import read_jsonl
 
 
 def bigtrain_tokens_per_s(cfg, steps: int, workdir: Path) -> float:

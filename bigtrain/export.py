@@ -18,7 +18,6 @@ import json
 import shutil
 import sys
 from pathlib import Path
-from typing import Optional
 
 import torch
 import yaml
@@ -32,7 +31,7 @@ from bigtrain.tasks import task_class
 from bigtrain.tasks.base import HF_CONFIG
 
 
-def find_checkpoint(run_dir: Path, step: Optional[int]) -> Path:
+def find_checkpoint(run_dir: Path, step: int | None) -> Path:
     root = Path(run_dir) / "checkpoints"
     if step is not None:
         path = root / f"step-{step}"
@@ -67,9 +66,8 @@ def load_model_weights(strategy: str, ckpt: Path, model: torch.nn.Module) -> Non
 
 def hf_tokenizer(tokenizer_file: Path):
     """A ``PreTrainedTokenizerFast`` equivalent to bigtrain's SentencePiece model."""
-    from tokenizers import AddedToken
+    from tokenizers import AddedToken, decoders, models, normalizers
     from tokenizers import Tokenizer as HFTokenizer
-    from tokenizers import decoders, models, normalizers
     from transformers import PreTrainedTokenizerFast
     from transformers.convert_slow_tokenizer import SentencePieceExtractor
 
@@ -90,7 +88,7 @@ def hf_tokenizer(tokenizer_file: Path):
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
 
 
-def build_empty_model(cfg, ckpt: Path, run_dir: Path, vocab_size: Optional[int]) -> torch.nn.Module:
+def build_empty_model(cfg, ckpt: Path, run_dir: Path, vocab_size: int | None) -> torch.nn.Module:
     """The checkpoint's model, freshly initialised: from its ``hf_config.json``, or (checkpoints
     written before it existed) from the bigtrain config and the tokenizer's vocabulary."""
     import transformers
@@ -105,7 +103,7 @@ def build_empty_model(cfg, ckpt: Path, run_dir: Path, vocab_size: Optional[int])
     return build_causal_lm(cfg.model.model_copy(update={"pretrained": None}), vocab_size, cfg.train.seq_len)
 
 
-def check_inputs(model: torch.nn.Module, cfg, tokenizer: Optional[AnyTokenizer], sample: str) -> dict:
+def check_inputs(model: torch.nn.Module, cfg, tokenizer: AnyTokenizer | None, sample: str) -> dict:
     """Inputs to compare the exported model's outputs with the checkpoint's."""
     if not cfg.text_task:  # a ResNet takes any image size
         gen = torch.Generator().manual_seed(0)
@@ -113,7 +111,7 @@ def check_inputs(model: torch.nn.Module, cfg, tokenizer: Optional[AnyTokenizer],
     return {"input_ids": torch.tensor([tokenizer.encode(sample)[: cfg.train.seq_len]])}
 
 
-def export_hf(run_dir: Path, out: Path, step: Optional[int] = None, force: bool = False,
+def export_hf(run_dir: Path, out: Path, step: int | None = None, force: bool = False,
               log=print) -> Path:
     import transformers
     from transformers.utils import logging as hf_logging
@@ -172,7 +170,7 @@ def export_hf(run_dir: Path, out: Path, step: Optional[int] = None, force: bool 
     return out
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bigtrain export", description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest valid)")

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import signal
-from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -29,8 +28,8 @@ PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 class StopRequests:
     def __init__(self, device: torch.device):
         self.device = device
-        self.preempted: Optional[str] = None  # the signal's name, or "peer rank"
-        self.interrupted: Optional[str] = None
+        self.preempted: str | None = None  # the signal's name, or "peer rank"
+        self.interrupted: str | None = None
         self._previous = {}
         for sig in (*PREEMPTION_SIGNALS, signal.SIGINT):
             self._previous[sig] = signal.signal(sig, self._handle)
@@ -51,7 +50,7 @@ class StopRequests:
         self._previous = {}
 
     @property
-    def requested(self) -> Optional[str]:
+    def requested(self) -> str | None:
         """Why the run stops (the signal's name), None if it was not asked to."""
         return self.preempted or self.interrupted
 

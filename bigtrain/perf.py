@@ -31,7 +31,7 @@ def _matmul_seconds(device_type: str, dtype: torch.dtype, n: int, repeats: int) 
     return best
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def measured_matmul_flops(device_type: str, dtype: torch.dtype, max_n: int = 2048, budget_s: float = 0.05,
                           repeats: int = 5) -> float:
     """The best n x n matmul FLOP/s on this device (what MFU on CPU is relative to). n doubles

@@ -20,7 +20,7 @@ import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -47,8 +47,8 @@ EXPECTED_ERRORS = (ConfigError, DataError, CheckpointError, CheckpointSaveError)
 class TrainResult:
     run_dir: Path
     final_step: int
-    val_loss: Optional[float]
-    checkpoint: Optional[Path]
+    val_loss: float | None
+    checkpoint: Path | None
     exit_code: int = OK  # exit_codes.REQUEUE after a preemption, INTERRUPTED after Ctrl-C
 
 
@@ -59,7 +59,7 @@ class TrainState:
     samples_per_step: int
     tokens_per_step: int  # 0 for tasks that are not text
     step: int = 0  # optimizer steps done
-    val_loss: Optional[float] = None
+    val_loss: float | None = None
 
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step, "tokens_seen": self.step * self.tokens_per_step,
@@ -104,7 +104,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def evaluate(strategy, task: Task) -> Optional[dict[str, float]]:
+def evaluate(strategy, task: Task) -> dict[str, float] | None:
     """The task's validation metrics (None when it has no validation data)."""
     sets = task.eval_sets()
     if not sets:
@@ -206,7 +206,8 @@ class Trainer:
                 batch = reader.next()
                 if self.sample_log:
                     self.sample_log.write(state.step, batch)
-                self.metrics.add_loss(strategy.forward_backward(batch, scale=1.0 / accum, last_micro=micro == accum - 1))
+                self.metrics.add_loss(strategy.forward_backward(batch, scale=1.0 / accum,
+                                                                last_micro=micro == accum - 1))
             grad_norm = strategy.step(lr)
             state.step = step
             injected_failure(step)
@@ -276,7 +277,7 @@ def train(cfg: RunConfig) -> TrainResult:
         trainer.close(failed=failed)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: python -m bigtrain.train CONFIG [key=value ...]")

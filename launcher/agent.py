@@ -22,14 +22,14 @@ import os
 import signal
 import socket
 import sys
-from typing import Iterable, Optional
+from collections.abc import Iterable
 
 from bigtrain.exit_codes import BAD_INPUT, FAILED, OK, REQUEUE
 
 HANDLED_SIGNALS = "SIGTERM,SIGHUP,SIGQUIT,SIGUSR1,SIGUSR2"  # SIGINT: see _pass_on_interrupts
 
 
-def combine_exit_codes(codes: Iterable[Optional[int]], signum: Optional[int] = None) -> int:
+def combine_exit_codes(codes: Iterable[int | None], signum: int | None = None) -> int:
     """One exit code for a node from its workers' codes (negative: killed by that signal).
 
     75 when some rank saved and asked to be requeued and the others either did the same, finished,
@@ -77,12 +77,14 @@ def _pass_on_interrupts(workers: list) -> None:
     signal.signal(signal.SIGINT, forward)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     from torch.distributed import run as torchrun
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.elastic.multiprocessing.subprocess_handler import subprocess_handler as sh
+    from torch.distributed.elastic.multiprocessing.subprocess_handler import (
+        subprocess_handler as sh,
+    )
 
     # Remember the worker processes so their exit codes are known even when the agent is signalled.
     workers: list = []

@@ -19,11 +19,9 @@ import os
 import shlex
 import sys
 from pathlib import Path
-from typing import Optional
 
 from bigtrain.config import ConfigError, RunConfig, load_config
 from bigtrain.data.errors import DataError
-
 from bigtrain.exit_codes import BAD_INPUT as EXIT_BAD_INPUT
 from launcher.resources import check_data_path, check_pretrained
 
@@ -47,7 +45,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     nproc = args.nproc or cfg.resources.procs_per_node
     cfg.check_world_size(nproc)
     if cfg.strategy.name == "single" and nproc > 1:
-        raise ConfigError(f"strategy.name: 'single' runs one process, but --nproc is {nproc} (use ddp, fsdp or deepspeed)")
+        raise ConfigError(f"strategy.name: 'single' runs one process, but --nproc is {nproc} (use ddp, fsdp or "
+                          f"deepspeed)")
     cmd = training_command(args.config, args.overrides, nproc)
     env = dict(os.environ)
     if nproc > 1 and "OMP_NUM_THREADS" not in env:
@@ -187,7 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the command and exit")
     p.set_defaults(func=cmd_train)
 
-    data = sub.add_parser("data", help="prepare or download training data").add_subparsers(dest="data_command", required=True)
+    data = sub.add_parser("data", help="prepare or download training data").add_subparsers(dest="data_command",
+                                                                                           required=True)
     p = data.add_parser("prepare", help="tokenize raw text into shards (cached by content hash)")
     p.add_argument("config", nargs="?", help="run config YAML (uses its data section)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.tokenizer.vocab_size=8192")
@@ -204,12 +204,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="run config YAML")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. strategy.name=fsdp")
     p.add_argument("--nnodes", type=int, default=None, help="nodes (default: resources.nodes)")
-    p.add_argument("--nproc-per-node", type=int, default=None, help="ranks per node (default: resources.procs_per_node)")
+    p.add_argument("--nproc-per-node", type=int, default=None,
+                   help="ranks per node (default: resources.procs_per_node)")
     p.add_argument("--node-rank", type=int, default=0, help="this node's rank, 0..nnodes-1")
     p.add_argument("--rdzv-endpoint", default=None,
                    help="HOST:PORT of the c10d rendezvous, the same on every node (required with --nnodes > 1)")
-    p.add_argument("--rdzv-id", default=None, help="rendezvous id, the same on every node (default: bigtrain-<run.name>)")
-    p.add_argument("--max-restarts", type=int, default=None, help="restart failed workers K times (default: resources.max_restarts)")
+    p.add_argument("--rdzv-id", default=None,
+                   help="rendezvous id, the same on every node (default: bigtrain-<run.name>)")
+    p.add_argument("--max-restarts", type=int, default=None,
+                   help="restart failed workers K times (default: resources.max_restarts)")
     p.add_argument("--hostfile", default=None, help="launcher=deepspeed: hostfile (default: generated in the run dir)")
     p.add_argument("--dry-run", action="store_true", help="print the command and exit")
     p.set_defaults(func=cmd_launch)
@@ -217,7 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("submit", help="render an sbatch script into the run dir and submit it to SLURM")
     p.add_argument("config", help="run config YAML")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. resources.nodes=2")
-    p.add_argument("--template", default=None, help="sbatch template (default: resources.template or slurm/bigtrain.sbatch)")
+    p.add_argument("--template", default=None,
+                   help="sbatch template (default: resources.template or slurm/bigtrain.sbatch)")
     p.add_argument("--follow", action="store_true", help="print the job's log until it finishes")
     p.add_argument("--dry-run", action="store_true", help="print the script and exit (writes and submits nothing)")
     p.add_argument("--parsable", action="store_true", help="print only the job id")
@@ -265,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     unknown = [a for a in extra if a.startswith("-")]

@@ -12,17 +12,29 @@ import os
 import shlex
 import sys
 from pathlib import Path
-from typing import Optional
 
 from bigtrain.config import ConfigError
-from launcher.resources import check_data_path, load_run_config, make_plan, normalize_overrides, parse_endpoint
-from launcher.torchrun import (deepspeed_command, free_port, hostfile_text, rdzv_id_for, sh_join, thread_env,
-                               torchrun_command)
+from launcher.resources import (
+    check_data_path,
+    load_run_config,
+    make_plan,
+    normalize_overrides,
+    parse_endpoint,
+)
+from launcher.torchrun import (
+    deepspeed_command,
+    free_port,
+    hostfile_text,
+    rdzv_id_for,
+    sh_join,
+    thread_env,
+    torchrun_command,
+)
 
 
-def launch(config: str, overrides: list[str], *, nnodes: Optional[int] = None, nproc_per_node: Optional[int] = None,
-           node_rank: int = 0, rdzv_endpoint: Optional[str] = None, rdzv_id: Optional[str] = None,
-           max_restarts: Optional[int] = None, hostfile: Optional[str] = None, dry_run: bool = False) -> int:
+def launch(config: str, overrides: list[str], *, nnodes: int | None = None, nproc_per_node: int | None = None,
+           node_rank: int = 0, rdzv_endpoint: str | None = None, rdzv_id: str | None = None,
+           max_restarts: int | None = None, hostfile: str | None = None, dry_run: bool = False) -> int:
     overrides = normalize_overrides(list(overrides))
     cfg = load_run_config(config, overrides)
     plan = make_plan(cfg, nnodes, nproc_per_node, max_restarts)
@@ -31,7 +43,8 @@ def launch(config: str, overrides: list[str], *, nnodes: Optional[int] = None, n
     if rdzv_endpoint:
         host, port = parse_endpoint(rdzv_endpoint)
     elif plan.nodes > 1:
-        raise ConfigError("--rdzv-endpoint HOST:PORT is required with --nnodes > 1 (node 0's address, the same on every node)")
+        raise ConfigError("--rdzv-endpoint HOST:PORT is required with --nnodes > 1 (node 0's address, the same on "
+                          "every node)")
     else:
         host, port = "127.0.0.1", cfg.resources.rdzv_port or free_port()
     if rdzv_id is not None and (not rdzv_id or any(ch.isspace() for ch in rdzv_id)):
@@ -63,7 +76,8 @@ def launch(config: str, overrides: list[str], *, nnodes: Optional[int] = None, n
         return 0
 
     check_data_path(cfg)
-    if node_rank == 0 and cfg.data.path is not None and cfg.packed_text:  # fail on bad data here, before any rank starts
+    # fail on bad data here, before any rank starts
+    if node_rank == 0 and cfg.data.path is not None and cfg.packed_text:
         from bigtrain.data.prepare import prepare
 
         prepare(cfg.data)

@@ -12,7 +12,6 @@ import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 from bigtrain.config import ConfigError, RunConfig, load_config
 
@@ -52,7 +51,7 @@ class Plan:
         return self.nodes * self.procs_per_node
 
 
-def threads_per_rank(cfg: RunConfig, procs_per_node: int, cpus: Optional[int] = None) -> int:
+def threads_per_rank(cfg: RunConfig, procs_per_node: int, cpus: int | None = None) -> int:
     """train.threads, else resources.cpus_per_task, else an equal share of this machine's cores."""
     if cfg.train.threads:
         return cfg.train.threads
@@ -69,7 +68,7 @@ def job_env(cfg: RunConfig) -> dict[str, str]:
     return out
 
 
-def check_pretrained(cfg: RunConfig, base: Optional[Path] = None) -> None:
+def check_pretrained(cfg: RunConfig, base: Path | None = None) -> None:
     """model.pretrained, when set, is a Hugging Face model directory."""
     if cfg.model.pretrained:
         pretrained = Path(os.path.expanduser(cfg.model.pretrained))
@@ -80,7 +79,7 @@ def check_pretrained(cfg: RunConfig, base: Optional[Path] = None) -> None:
                               f"(no config.json)")
 
 
-def check_data_path(cfg: RunConfig, base: Optional[Path] = None) -> None:
+def check_data_path(cfg: RunConfig, base: Path | None = None) -> None:
     """A missing data.path (that will not be downloaded) or model.pretrained directory is an error
     now, not on the compute node."""
     check_pretrained(cfg, base)
@@ -104,8 +103,8 @@ def check_data_path(cfg: RunConfig, base: Optional[Path] = None) -> None:
                               f"directories; or set data.download)")
 
 
-def make_plan(cfg: RunConfig, nodes: Optional[int] = None, procs_per_node: Optional[int] = None,
-              max_restarts: Optional[int] = None, cpus: Optional[int] = None) -> Plan:
+def make_plan(cfg: RunConfig, nodes: int | None = None, procs_per_node: int | None = None,
+              max_restarts: int | None = None, cpus: int | None = None) -> Plan:
     """Validate and resolve; command-line values win over the config's ``resources``."""
     res = cfg.resources
     nodes = res.nodes if nodes is None else nodes
@@ -119,7 +118,8 @@ def make_plan(cfg: RunConfig, nodes: Optional[int] = None, procs_per_node: Optio
         cfg.check_world_size(world)
     except ConfigError as err:
         per_rank, rem = divmod(cfg.train.global_batch_size, world)
-        fits = [m for m in range(min(per_rank, cfg.train.micro_batch_size), 0, -1) if per_rank % m == 0] if not rem else []
+        fits = [m for m in range(min(per_rank, cfg.train.micro_batch_size), 0,
+                                 -1) if per_rank % m == 0] if not rem else []
         hint = f"; e.g. train.micro_batch_size={fits[0]}" if fits else ""
         raise ConfigError(f"{err}{hint}") from None
     if cfg.strategy.name == "single" and world > 1:

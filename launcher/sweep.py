@@ -13,9 +13,10 @@ import json
 import math
 import random
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import yaml
 
@@ -29,8 +30,8 @@ _DIST = re.compile(r"^(uniform|loguniform|randint)\(\s*([^,]+?)\s*,\s*([^,]+?)\s
 @dataclass(frozen=True)
 class Param:
     key: str
-    values: Optional[list[Any]] = None  # a list to choose from
-    dist: Optional[tuple[str, float, float]] = None  # (kind, low, high) for random mode
+    values: list[Any] | None = None  # a list to choose from
+    dist: tuple[str, float, float] | None = None  # (kind, low, high) for random mode
 
 
 def parse_sweep(text: str) -> Param:
@@ -77,7 +78,7 @@ def _format(value: Any) -> str:
     return json.dumps(value) if isinstance(value, (list, dict, bool)) or value is None else str(value)
 
 
-def expand(params: Sequence[Param], mode: str = "grid", trials: Optional[int] = None,
+def expand(params: Sequence[Param], mode: str = "grid", trials: int | None = None,
            seed: int = 0) -> list[dict[str, Any]]:
     """The settings, one dict ``{key: value}`` per task."""
     keys = [p.key for p in params]
@@ -123,7 +124,7 @@ def write_sweep_file(root: Path, record: dict[str, Any]) -> None:
 
 
 def array_tasks(config: str, overrides: list[str], plan: Plan, run_dir: Path, sweeps: Sequence[str],
-                mode: str = "grid", trials: Optional[int] = None,
+                mode: str = "grid", trials: int | None = None,
                 seed: int = 0) -> tuple[list[str], list[dict[str, Any]]]:
     """The tasks of one job array, one per setting of the ``--sweep`` options; ``([], [])`` without them.
 
@@ -210,7 +211,7 @@ def _cell(value: Any, column: str = "") -> str:
     return str(value)
 
 
-def format_table(keys: list[str], rows: list[dict[str, Any]], sort_by: Optional[str] = "val_loss") -> str:
+def format_table(keys: list[str], rows: list[dict[str, Any]], sort_by: str | None = "val_loss") -> str:
     if sort_by:
         rows = sorted(rows, key=lambda r: (r.get(sort_by) is None, r.get(sort_by) if r.get(sort_by) is not None else 0,
                                            r["task"]))

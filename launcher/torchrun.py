@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import shlex
 import socket
-from typing import Iterable, Optional, Sequence, Union
+from collections.abc import Iterable, Sequence
+from typing import Union
 
 from launcher.resources import Plan
 
@@ -18,7 +19,7 @@ class Shell(str):
     """A token passed to the shell as written (it expands variables); built only from constants."""
 
 
-Token = Union[str, Shell]
+Token = Union[str, Shell]  # noqa: UP007 (a runtime alias)
 
 
 def sh_join(tokens: Iterable[Token]) -> str:
@@ -43,7 +44,7 @@ def training_entry(config: Token, overrides: Sequence[str]) -> list[Token]:
 
 def torchrun_command(plan: Plan, python: str, config: Token, overrides: Sequence[str], *,
                      node_rank: Token, endpoint: Token, rdzv_id: Token,
-                     shutdown_timeout: Optional[int] = None) -> list[Token]:
+                     shutdown_timeout: int | None = None) -> list[Token]:
     """torchrun with a c10d rendezvous at an explicit endpoint (needed for restarts to work)."""
     cmd: list[Token] = [
         python, "-m", "launcher.agent",

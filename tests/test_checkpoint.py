@@ -90,7 +90,8 @@ def test_sigkill_between_checkpoints_resumes_bit_identically(tmp_path, reference
 ])
 def test_kill_during_checkpoint_write_keeps_previous(tmp_path, reference, cache_dir, tiny_text, fault, asynchronous):
     run_dir = tmp_path / "run"
-    argv = args(run_dir, cache_dir, tiny_text, "checkpoint.every_steps=5", f"checkpoint.async={str(asynchronous).lower()}")
+    argv = args(run_dir, cache_dir, tiny_text, "checkpoint.every_steps=5",
+                f"checkpoint.async={str(asynchronous).lower()}")
     crashed = run_cli(*argv, env={"BIGTRAIN_FAULT": f"{fault}@10"})  # commits step-5, dies writing step-10
     assert crashed.returncode == -signal.SIGKILL
     ckpts = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
@@ -133,7 +134,9 @@ def test_no_valid_checkpoint_auto_starts_fresh_explicit_path_errors(tmp_path, ca
     blob.write_bytes(blob.read_bytes()[:-1])
     explicit = run_cli(*argv, f"checkpoint.resume={ckpt}")
     assert explicit.returncode == 2
-    assert explicit.stderr.strip().splitlines()[-1] == f"error: {blob}: size {blob.stat().st_size}, manifest says {blob.stat().st_size + 1} (truncated)"
+    size = blob.stat().st_size
+    last_line = explicit.stderr.strip().splitlines()[-1]
+    assert last_line == f"error: {blob}: size {size}, manifest says {size + 1} (truncated)"
     fresh = ok(run_cli(*argv, "train.max_steps=6"))
     assert "WARNING skipping step-4" in fresh.stdout and "resumed from" not in fresh.stdout
     assert [m["step"] for m in read_jsonl(run_dir / "metrics.jsonl")] == list(range(1, 7))

@@ -48,7 +48,8 @@ def test_include_order_and_overrides(tmp_path):
     (["data.val_path=dev.tsv"], "data.val_path: only for sequence_classification (task 'causal_lm'"),
     (["task=sequence_classification", "model.name=bert", "data.download=shakespeare"],
      "data: sequence_classification reads data.path (and data.val_path), not data.sources or data.download"),
-    (["task=sequence_classification"], "model.name: 'gpt2' cannot train task 'sequence_classification' (expected bert)"),
+    (["task=sequence_classification"],
+     "model.name: 'gpt2' cannot train task 'sequence_classification' (expected bert)"),
 ])
 def test_validation_errors_name_the_key(override, expected):
     with pytest.raises(ConfigError) as err:
@@ -88,7 +89,8 @@ def test_cli_bad_config_is_one_line_nonzero_and_writes_nothing(tmp_path):
 def test_cli_world_size_check_before_any_process(tmp_path):
     proc = run_cli("train", "configs/gpt-tiny.yaml", "--nproc", "3", "strategy.name=ddp", f"run.dir={tmp_path}/r")
     assert proc.returncode == 2
-    assert "train.global_batch_size (16) must be a multiple of train.micro_batch_size x world size (8 x 3)" in proc.stderr
+    expected = "train.global_batch_size (16) must be a multiple of train.micro_batch_size x world size (8 x 3)"
+    assert expected in proc.stderr
 
 
 def test_resolved_config_round_trips(tmp_path):

@@ -91,8 +91,7 @@ def test_jsonl_and_directory_inputs(tmp_path, tiny_text):
     src = tmp_path / "corpus"
     src.mkdir()
     with open(src / "a.jsonl", "w") as fh:
-        for para in lines:
-            fh.write(json.dumps({"body": para}) + "\n")
+        fh.writelines(json.dumps({"body": para}) + "\n" for para in lines)
     data = prepare(data_cfg(src, tmp_path / "cache", text_field="body"), log=lambda _m: None)
     assert data.manifest["documents"] == len([p for p in lines if p])
 

@@ -135,7 +135,8 @@ def test_each_epoch_is_a_new_permutation_and_crops_shift_the_image(digits):
     assert sorted(e0.tolist()) == sorted(e1.tolist()) == list(range(n))
     assert not torch.equal(e0, e1)
     plain = s.micro_batch_at(0)["images"][:64]
-    aug = ImageStream(digits, global_batch=n, micro_batch=n, crop_padding=1, flip=False).micro_batch_at(0)["images"][:64]
+    aug = ImageStream(digits, global_batch=n, micro_batch=n, crop_padding=1,
+                      flip=False).micro_batch_at(0)["images"][:64]
     shifts = set()
     for a, p in zip(aug, plain):  # pad 1: the interior 6x6 of a crop is the plain image moved by (dy, dx)
         shifts |= {(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)

@@ -52,7 +52,8 @@ def test_masks_are_drawn_from_seed_and_position(prepared):
     resumed = MaskedLMStream([prepared], 128, 32, 8, rank=0, world_size=2, seed=0)
     resumed.load_state_dict(run.state_dict(steps_done=1))
     got = resumed.micro_batch_at(0)
-    assert torch.equal(got["input_ids"], expected["input_ids"][:8]) and torch.equal(got["labels"], expected["labels"][:8])
+    assert torch.equal(got["input_ids"], expected["input_ids"][:8]) and torch.equal(got["labels"],
+                                                                                    expected["labels"][:8])
 
 
 def test_words_of_our_sentencepiece_pieces(prepared):

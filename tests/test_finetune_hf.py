@@ -11,7 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+from transformers import (
+    AutoTokenizer,
+    GPT2Config,
+    GPT2LMHeadModel,
+    PreTrainedTokenizerFast,
+)
 
 from bigtrain.config import ConfigError, load_config
 from conftest import ROOT, read_jsonl, run_cli, train_args
@@ -96,13 +101,15 @@ def test_checkpoint_without_a_fast_tokenizer_is_an_error(tmp_path, cache_dir, ti
     proc = finetune(tmp_path / "run", cache_dir, tiny_text, bare, "train.max_steps=2")
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == (
-        f"error: data.tokenizer.path: {bare}: holds no tokenizer.json (Hugging Face) or tokenizer.model (SentencePiece)")
+        f"error: data.tokenizer.path: {bare}: holds no tokenizer.json (Hugging Face) or tokenizer.model "
+        f"(SentencePiece)")
 
 
 def test_config_defaults_the_tokenizer_to_the_checkpoints_and_refuses_masked_lm(tmp_path):
     cfg = load_config(ROOT / "configs" / "gpt-tiny.yaml", ["model.pretrained=/models/gpt"])
     assert cfg.data.tokenizer.path == "/models/gpt"
-    own = load_config(ROOT / "configs" / "gpt-tiny.yaml", ["model.pretrained=/models/gpt", "data.tokenizer.path=/t.model"])
+    own = load_config(ROOT / "configs" / "gpt-tiny.yaml", ["model.pretrained=/models/gpt",
+                                                           "data.tokenizer.path=/t.model"])
     assert own.data.tokenizer.path == "/t.model"
     with pytest.raises(ConfigError) as err:
         load_config(ROOT / "configs" / "bert-tiny.yaml", ["model.pretrained=/models/bert"])
@@ -113,7 +120,8 @@ def test_missing_checkpoint_or_records_fail_in_the_launcher(tmp_path):
     gone = tmp_path / "no-model"
     proc = run_cli("train", str(ROOT / "configs" / "gpt-tiny.yaml"), f"model.pretrained={gone}")
     assert proc.returncode == 2
-    assert proc.stderr.strip() == f"error: model.pretrained: {gone} is not a Hugging Face model directory (no config.json)"
+    assert proc.stderr.strip() == (f"error: model.pretrained: {gone} is not a Hugging Face model directory "
+                                   f"(no config.json)")
     records = tmp_path / "train.tsv"
     records.write_text("label\tsentence\n1\tfine\n")
     proc = run_cli("train", str(ROOT / "configs" / "bert-classifier-tiny.yaml"), f"data.path={records}",

@@ -96,7 +96,8 @@ def test_launcher_modules_do_not_import_torch():
 
 
 def test_launch_dry_run_is_torchrun_with_an_explicit_c10d_endpoint():
-    proc = run_cli("launch", str(TEST_CONFIG), DATA, "--nproc-per-node", "2", "strategy.name=fsdp", "--max-restarts", "3",
+    proc = run_cli("launch", str(TEST_CONFIG), DATA, "--nproc-per-node", "2", "strategy.name=fsdp", "--max-restarts",
+                   "3",
                    "--dry-run")
     assert proc.returncode == 0, proc.stderr
     argv = shlex.split(proc.stdout.strip())
@@ -130,8 +131,8 @@ def test_launch_multi_node_and_deepspeed_dry_runs():
 
 
 def test_sweep_grid_and_random():
-    from launcher.sweep import expand, parse_sweep, task_overrides
     from bigtrain.config import ConfigError
+    from launcher.sweep import expand, parse_sweep, task_overrides
 
     grid = expand([parse_sweep("optim.lr=[1e-4,3e-4,1e-3]"), parse_sweep("model.n_layer=[2,4]")])
     assert len(grid) == 6 and grid[0] == {"optim.lr": 1e-4, "model.n_layer": 2} and grid[1]["model.n_layer"] == 4
@@ -226,7 +227,8 @@ def fake_cluster(tmp_path: Path) -> tuple[Path, Path]:
 
 
 def render_script(tmp_path: Path, *overrides: str, bin_dir: Path, run_dir: Path) -> str:
-    proc = run_cli("submit", str(TEST_CONFIG), DATA, f"run.dir={run_dir}", f"resources.python={bin_dir / 'fake-python'}",
+    proc = run_cli("submit", str(TEST_CONFIG), DATA, f"run.dir={run_dir}",
+                   f"resources.python={bin_dir / 'fake-python'}",
                    *overrides, "--dry-run")
     assert proc.returncode == 0, proc.stderr
     return proc.stdout
@@ -236,7 +238,8 @@ def run_script(tmp_path, script: str, log: Path, bin_dir: Path, mode: str, resta
     path = tmp_path / "job.sbatch"
     path.write_text(script)
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_LOG": str(log), "FAKE_MODE": mode,
-           "SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "fake[1-2]", "SLURM_CPUS_ON_NODE": "6", "SLURM_RESTART_COUNT": str(restart)}
+           "SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "fake[1-2]", "SLURM_CPUS_ON_NODE": "6",
+           "SLURM_RESTART_COUNT": str(restart)}
     proc = subprocess.Popen(["bash", str(path)], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
     if signal_after is not None:

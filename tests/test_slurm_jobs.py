@@ -65,7 +65,7 @@ def submit(cluster, run_dir: Path, shared: Path, tiny_text: Path, *extra: str, c
     proc = bigtrain(cluster, "submit", str(TEST_CONFIG), f"run.dir={run_dir}", f"data.path={tiny_text}",
                     f"data.cache_dir={shared / 'cache'}", "train.sample_tokens=0", *extra, cwd=cwd)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    match = re.search(r"^submitted job (\d+)", proc.stdout, re.M)
+    match = re.search(r"^submitted job (\d+)", proc.stdout, re.MULTILINE)
     assert match, proc.stdout
     return match.group(1)
 
@@ -173,7 +173,7 @@ def test_sweep_grid_is_one_array_job_with_a_report(cluster, shared, tiny_text, t
         cfg = (task_dir / "config.yaml").read_text()
         assert f"n_layer: {layers}" in cfg and f"lr: {lr}" in cfg and f"name: gpt-test-{i}" in cfg
         assert read_jsonl(task_dir / "metrics.jsonl")[-1]["step"] == 6
-        assert list(task_dir.glob("slurm-*_%d.out" % i))
+        assert list(task_dir.glob(f"slurm-*_{i}.out"))
     report = bigtrain(cluster, "sweep-report", str(root))
     assert report.returncode == 0, report.stderr
     lines = report.stdout.strip().splitlines()

@@ -12,7 +12,12 @@ from bigtrain.config import DataSection
 from bigtrain.data.errors import DataError
 from bigtrain.data.order import Mixture, SampleOrder
 from bigtrain.data.prepare import prepare, prepare_sources
-from bigtrain.data.stream import CausalLMStream, StatefulLoader, document_ids, position_ids
+from bigtrain.data.stream import (
+    CausalLMStream,
+    StatefulLoader,
+    document_ids,
+    position_ids,
+)
 from bigtrain.data.tokenizer import Tokenizer
 from conftest import count_opens, read_jsonl, run_cli, train_args
 
@@ -60,7 +65,8 @@ def test_every_epoch_is_a_permutation_and_seeks_match_sequential_reads():
     assert (e0 != e1).mean() > 0.9  # another epoch, another order
     fresh = SampleOrder(10_007, seed=3, chunk_size=1000, shuffle_buffer=512)
     assert fresh.samples(7_777, 50).tolist() == e0[7_777:7_827].tolist()  # a seek, no replay
-    assert SampleOrder(10_007, seed=3, chunk_size=1000, shuffle_buffer=512).samples(0, 100).tolist() == e0[:100].tolist()
+    assert SampleOrder(10_007, seed=3, chunk_size=1000, shuffle_buffer=512).samples(0,
+                                                                                    100).tolist() == e0[:100].tolist()
     assert (SampleOrder(10_007, seed=4, chunk_size=1000, shuffle_buffer=512).samples(0, 100) != e0[:100]).any()
     # bounded buffer: a block of 512 positions draws from at most 2 chunks (locality)
     assert len(set((e0[:512] // 1000).tolist())) <= 2
@@ -216,7 +222,8 @@ def test_parquet_tsv_and_hf_inputs_give_the_same_documents(tiny_text, tmp_path):
     for name, reader in [("a.jsonl", "native"), ("a.parquet", "native"), ("a.tsv", "native"), ("saved", "native"),
                          ("a.jsonl", "hf"), ("a.parquet", "hf")]:
         extra = {"tokenizer": {"path": str(tok)}} if tok else {}
-        d = prepare(data_cfg(tmp_path / name, tmp_path / f"c-{name}-{reader}", reader=reader, **extra), log=lambda _m: None)
+        d = prepare(data_cfg(tmp_path / name, tmp_path / f"c-{name}-{reader}", reader=reader, **extra),
+                    log=lambda _m: None)
         tok = tok or d.tokenizer_path
         assert d.manifest["documents"] == len(paras), (name, reader)
         tokens[(name, reader)] = np.concatenate([np.asarray(m) for m in d.memmaps("train")])

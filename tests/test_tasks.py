@@ -16,7 +16,8 @@ BERT = ["task=masked_lm", "model.name=bert", "train.sample_tokens=0"]
 def images(tmp_path, *extra):
     """``train`` arguments for a tiny ResNet on synthetic 32x32 images (written on first use)."""
     return ["train", str(ROOT / "configs" / "resnet-tiny.yaml"), f"run.dir={tmp_path / 'run'}",
-            f"data.path={tmp_path.parent / 'images'}", "precision=fp32", "model.widths=[8,16]", "model.depths=[1,1]",
+            f"data.path={tmp_path.parent / 'images'}", "data.download=synthetic-images", "precision=fp32",
+            "model.widths=[8,16]", "model.depths=[1,1]",
             "train.global_batch_size=32", "train.micro_batch_size=16", "train.log_every=1", *extra]
 
 

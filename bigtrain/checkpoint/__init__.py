@@ -1,8 +1,18 @@
 """Fault-tolerant checkpoints: :mod:`.files` (layout, manifest, verification, RNG),
 :mod:`.policy` (when to save), :mod:`.manager` (atomic and async commits, retention, resume)."""
 
-from bigtrain.checkpoint.files import (MANIFEST, CheckpointError, CheckpointSaveError, derived_dir, fault_point,
-                                       list_checkpoints, rng_state, set_rng_state, step_of, verify)
+from bigtrain.checkpoint.files import (
+                                       MANIFEST,
+                                       CheckpointError,
+                                       CheckpointSaveError,
+                                       derived_dir,
+                                       fault_point,
+                                       list_checkpoints,
+                                       rng_state,
+                                       set_rng_state,
+                                       step_of,
+                                       verify,
+)
 from bigtrain.checkpoint.manager import CheckpointManager, done_future
 from bigtrain.checkpoint.policy import Stateful, save_decision
 

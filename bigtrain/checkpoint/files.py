@@ -15,7 +15,7 @@ import random
 import re
 import signal
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -41,10 +41,10 @@ class CheckpointSaveError(RuntimeError):
 # ---------------------------------------------------------------------------------------------
 
 
-_saving_step: Optional[int] = None  # the step being saved, for fault_point
+_saving_step: int | None = None  # the step being saved, for fault_point
 
 
-def set_saving_step(step: Optional[int]) -> None:
+def set_saving_step(step: int | None) -> None:
     global _saving_step
     _saving_step = step
 

@@ -24,19 +24,35 @@ import json
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 import torch.distributed as tdist
 import yaml
 
 from bigtrain import dist
-from bigtrain.checkpoint.files import (MANIFEST, REPLICATED, CheckpointError, CheckpointSaveError, fault_point,
-                                       fsync_dir, fsync_tree, list_checkpoints, model_differences, rng_state,
-                                       set_rng_state, set_saving_step, step_of, verify, versions, derived_dir)
+from bigtrain.checkpoint.files import (
+    MANIFEST,
+    REPLICATED,
+    CheckpointError,
+    CheckpointSaveError,
+    derived_dir,
+    fault_point,
+    fsync_dir,
+    fsync_tree,
+    list_checkpoints,
+    model_differences,
+    rng_state,
+    set_rng_state,
+    set_saving_step,
+    step_of,
+    verify,
+    versions,
+)
 from bigtrain.checkpoint.policy import Stateful, save_decision
 from bigtrain.config import CheckpointSection
 from bigtrain.data.shards import sha256_file
@@ -66,11 +82,11 @@ class CheckpointManager:
         self.info = info
         self.log = log
         self.extra_files = extra_files  # copied into every checkpoint (e.g. the tokenizer)
-        self._pending: Optional[_Pending] = None
-        self._commit_thread: Optional[threading.Thread] = None  # rank 0 only
+        self._pending: _Pending | None = None
+        self._commit_thread: threading.Thread | None = None  # rank 0 only
         self._committing = False  # every rank: an async commit was started and not yet reported
-        self._commit_error: Optional[BaseException] = None
-        self.last_committed: Optional[Path] = None
+        self._commit_error: BaseException | None = None
+        self.last_committed: Path | None = None
         self._said_sync = False
         # what every checkpoint holds (attach)
         self.strategy = None
@@ -85,7 +101,7 @@ class CheckpointManager:
         (step, tokens_seen, ...); any other state goes under its name (``data``: the reader)."""
         self.strategy, self.config_yaml, self.model_config, self.states = strategy, config_yaml, model_config, states
 
-    def resume(self) -> Optional[Path]:
+    def resume(self) -> Path | None:
         """Collective: load the checkpoint ``checkpoint.resume`` selects into the engine and the
         attached states; None when the run starts fresh. A state the checkpoint lacks (written
         before it existed) is asked to ``seek(step)`` instead."""
@@ -149,7 +165,7 @@ class CheckpointManager:
         """Committed checkpoint directories, newest first."""
         return list_checkpoints(self.root)
 
-    def latest_valid(self) -> Optional[Path]:
+    def latest_valid(self) -> Path | None:
         """Newest checkpoint whose manifest verifies; logs why newer ones were rejected."""
         for path in self.checkpoints():
             try:
@@ -159,7 +175,7 @@ class CheckpointManager:
                 self.log(f"checkpoint: WARNING skipping {path.name}: {err}")
         return None
 
-    def resume_path(self) -> Optional[Path]:
+    def resume_path(self) -> Path | None:
         """What ``checkpoint.resume`` selects (None: start fresh). Raises for a bad explicit path."""
         if self.cfg.resume == "never":
             return None
@@ -169,7 +185,7 @@ class CheckpointManager:
         verify(path, self.cfg.verify)  # an explicit path must be valid: no silent fresh start
         return path
 
-    def agreed_resume_path(self) -> Optional[Path]:
+    def agreed_resume_path(self) -> Path | None:
         """Collective: rank 0 chooses (and verifies) the checkpoint to resume from; all ranks
         get the same answer, or the same CheckpointError."""
         choice: tuple[str, Any] = ("ok", None)
@@ -207,7 +223,8 @@ class CheckpointManager:
             if not self._said_sync:
                 self._said_sync = True
                 if self.info.is_main:
-                    self.log(f"checkpoint: {strategy.name} has no background writer; checkpoint.async saves synchronously")
+                    self.log(f"checkpoint: {strategy.name} has no background writer; checkpoint.async saves "
+                             f"synchronously")
         if ok:
             try:
                 if asynchronous:

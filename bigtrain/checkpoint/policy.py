@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional, Protocol
+from typing import Any, Protocol
 
 from bigtrain.config import CheckpointSection
 
@@ -13,7 +13,7 @@ class Stateful(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
-def save_decision(cfg: CheckpointSection, step: int, *, last: bool, stop: bool, time_due: bool) -> Optional[str]:
+def save_decision(cfg: CheckpointSection, step: int, *, last: bool, stop: bool, time_due: bool) -> str | None:
     """Whether the end of ``step`` saves a checkpoint: ``"async"``, ``"sync"`` or None.
 
     A stop (preemption, Ctrl-C) saves if ``save_on_preempt``; the last step if ``save_final``;

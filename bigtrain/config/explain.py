@@ -15,8 +15,9 @@ import json
 import textwrap
 import types
 import typing
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional
+from typing import Any
 
 import annotated_types
 import yaml
@@ -35,10 +36,10 @@ class Key:
 
     path: str
     field: FieldInfo
-    section: Optional[type[BaseModel]]
+    section: type[BaseModel] | None
 
 
-def _section_of(annotation: Any) -> Optional[type[BaseModel]]:
+def _section_of(annotation: Any) -> type[BaseModel] | None:
     """The section class a field holds: itself, a list of it, or either or null."""
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation
@@ -130,11 +131,12 @@ def describe(key: Key) -> str:
         default = _value(field.get_default(call_default_factory=True))
         head = f"{key.path}: {type_name(field.annotation)} = {default}{_range(field)}"
     text = field.description or (inspect.cleandoc(key.section.__doc__ or "") if key.section else "")
-    body = textwrap.fill(" ".join(text.replace("``", "").split()), WIDTH, initial_indent="    ", subsequent_indent="    ")
+    body = textwrap.fill(" ".join(text.replace("``", "").split()), WIDTH, initial_indent="    ",
+                         subsequent_indent="    ")
     return head + ("\n" + body if body else "")
 
 
-def explain(key: Optional[str] = None) -> str:
+def explain(key: str | None = None) -> str:
     """The text ``bigtrain config --explain [KEY]`` prints; no key: every key."""
     found = find(key) if key else list(keys())
     return "\n".join(describe(k) for k in found)

@@ -5,17 +5,18 @@ Field docstrings are descriptions (see :mod:`bigtrain.config.sections`)."""
 from __future__ import annotations
 
 import re
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
 from bigtrain.config.base import _Section
 
-_SLURM_TIME = r"^(\d+|\d+:\d{1,2}|\d+:\d{1,2}:\d{1,2}|\d+-\d+|\d+-\d+:\d{1,2}|\d+-\d+:\d{1,2}:\d{1,2}|UNLIMITED|INFINITE)$"
+_SLURM_TIME = (r"^(\d+|\d+:\d{1,2}|\d+:\d{1,2}:\d{1,2}|\d+-\d+|\d+-\d+:\d{1,2}|\d+-\d+:\d{1,2}:\d{1,2}"
+               r"|UNLIMITED|INFINITE)$")
 _SLURM_WORD = r"^[^\s'\"\\]+$"  # a value that goes into an #SBATCH line as is: no whitespace or quotes
 
 
-def slurm_time_seconds(text: str) -> Optional[int]:
+def slurm_time_seconds(text: str) -> int | None:
     """SLURM's --time formats (MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS) in seconds; None if unlimited."""
     if text.upper() in ("UNLIMITED", "INFINITE"):
         return None
@@ -39,24 +40,24 @@ class ResourcesSection(_Section):
     """Nodes the run spans."""
     procs_per_node: int = Field(1, ge=1)
     """Ranks per node (one per GPU on GPU nodes)."""
-    partition: Optional[str] = None
+    partition: str | None = None
     """SLURM partition (one word)."""
-    time: Optional[str] = None
+    time: str | None = None
     """SLURM time limit, e.g. "48:00:00" or "2-00:00:00" (quoted in YAML)."""
-    account: Optional[str] = None
+    account: str | None = None
     """SLURM account (one word)."""
-    qos: Optional[str] = None
+    qos: str | None = None
     """SLURM quality of service (one word)."""
-    constraint: Optional[str] = None
+    constraint: str | None = None
     """SLURM node features, e.g. "a100&ib" (one word)."""
-    cpus_per_task: Optional[int] = Field(None, ge=1)
+    cpus_per_task: int | None = Field(None, ge=1)
     """CPUs per rank (sets threads per rank)."""
     accelerator: Literal["auto", "gpu", "cpu"] = "auto"
     """gpu: every rank needs a CUDA device (a run that finds none stops with an error, and SLURM jobs
     ask for GPUs); cpu: never use one; auto: CUDA when present, else the CPU (CPU recipes)."""
-    gpus_per_node: Optional[int] = Field(None, ge=0)
+    gpus_per_node: int | None = Field(None, ge=0)
     """GPUs a SLURM job asks for per node; default: one per rank with accelerator gpu, else 0."""
-    mem: Optional[str] = None
+    mem: str | None = None
     """Memory per node, e.g. "64G"; "0" = all of it."""
     exclusive: bool = False
     """Ask SLURM for whole nodes."""
@@ -68,26 +69,28 @@ class ResourcesSection(_Section):
     """The per-node launcher (launch_mode torchrun)."""
     signal_grace_s: int = Field(120, ge=0, le=65535)
     """SLURM sends USR1 this many seconds before the time limit, to checkpoint (0: off)."""
-    rdzv_port: Optional[int] = Field(None, ge=1024, le=65535)
+    rdzv_port: int | None = Field(None, ge=1024, le=65535)
     """The rendezvous port; default: derived from the SLURM job id."""
     max_restarts: int = Field(0, ge=0)
     """torchrun restarts of failed workers (SLURM requeues on preemption)."""
     max_requeues: int = Field(20, ge=0)
     """Stop requeueing a job that keeps getting preempted after this many requeues."""
-    env: dict[str, Union[str, int, float, bool]] = Field(default_factory=dict)
+    env: dict[str, str | int | float | bool] = Field(default_factory=dict)
     """Environment variables exported in the job, e.g. NCCL_DEBUG: INFO."""
-    template: Optional[str] = None
+    template: str | None = None
     """The sbatch template; default: slurm/bigtrain.sbatch."""
-    python: Optional[str] = None
+    python: str | None = None
     """The interpreter on the compute nodes; default: the submitting one."""
 
     @field_validator("time", mode="before")
     @classmethod
     def _time_is_text(cls, value: Any) -> Any:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            raise ValueError(f"resources.time: quote the time limit, e.g. '48:00:00' (YAML read it as the number {value})")
+            raise ValueError(f"resources.time: quote the time limit, e.g. '48:00:00' (YAML read it as the number "
+                             f"{value})")
         if isinstance(value, str) and not re.match(_SLURM_TIME, value):
-            raise ValueError(f"resources.time: expected a SLURM time such as 30, 04:00:00 or 2-00:00:00 (got {value!r})")
+            raise ValueError(f"resources.time: expected a SLURM time such as 30, 04:00:00 or 2-00:00:00 "
+                             f"(got {value!r})")
         return value
 
     @field_validator("partition", "account", "qos", "constraint", mode="before")
@@ -107,7 +110,7 @@ class ResourcesSection(_Section):
         return value
 
     @model_validator(mode="after")
-    def _consistent(self) -> "ResourcesSection":
+    def _consistent(self) -> ResourcesSection:
         for line in self.sbatch_extra:
             if "\n" in line or "\r" in line or not line.strip():
                 raise ValueError(f"resources.sbatch_extra: each entry is one #SBATCH option on one line (got {line!r})")
@@ -117,7 +120,8 @@ class ResourcesSection(_Section):
             if "\n" in str(value) or "\0" in str(value):
                 raise ValueError(f"resources.env.{key}: must be one line")
         if self.launcher == "deepspeed" and self.launch_mode == "srun":
-            raise ValueError("resources.launcher 'deepspeed' starts the ranks itself: use resources.launch_mode=torchrun")
+            raise ValueError("resources.launcher 'deepspeed' starts the ranks itself: use "
+                             "resources.launch_mode=torchrun")
         if self.accelerator == "cpu" and self.gpus_per_node:
             raise ValueError(f"resources.gpus_per_node ({self.gpus_per_node}): resources.accelerator is cpu")
         if self.gpus_per_node and self.procs_per_node > self.gpus_per_node:

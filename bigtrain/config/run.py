@@ -53,7 +53,7 @@ class RunConfig(_Section):
     resources: ResourcesSection = ResourcesSection()
 
     @model_validator(mode="after")
-    def _task_fits(self) -> "RunConfig":
+    def _task_fits(self) -> RunConfig:
         models = TASK_MODELS[self.task]
         if self.model.name not in models:
             raise ValueError(f"model.name: '{self.model.name}' cannot train task '{self.task}' "

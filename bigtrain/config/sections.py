@@ -7,7 +7,7 @@ field and section gets one (``tests/test_config.py`` checks).
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal
 
 from pydantic import ConfigDict, Field, model_validator
 
@@ -19,7 +19,7 @@ class RunSection(_Section):
 
     name: str = Field("run", min_length=1, pattern=r"^[A-Za-z0-9._\-]+$")
     """The run's name (letters, digits, . _ -); default: the config file's name without .yaml."""
-    dir: Optional[str] = None
+    dir: str | None = None
     """Where checkpoints, logs and metrics go; default: runs/<name>."""
 
 
@@ -28,21 +28,21 @@ class ModelSection(_Section):
 
     name: Literal["gpt2", "llama", "bert", "resnet"] = "gpt2"
     """The architecture: causal LMs (gpt2, llama), a BERT encoder, or a ResNet CNN."""
-    pretrained: Optional[str] = None
+    pretrained: str | None = None
     """A local Hugging Face model directory to fine-tune (causal_lm, sequence_classification)."""
     n_layer: int = Field(4, ge=1)
     """Transformer blocks."""
     n_head: int = Field(4, ge=1)
     """Attention heads; must divide model.d_model."""
-    n_kv_head: Optional[int] = Field(None, ge=1)
+    n_kv_head: int | None = Field(None, ge=1)
     """Key/value heads (grouped-query attention), llama only; must divide model.n_head; default: model.n_head."""
     d_model: int = Field(256, ge=8)
     """Hidden size."""
-    d_ff: Optional[int] = Field(None, ge=8)
+    d_ff: int | None = Field(None, ge=8)
     """Feed-forward size; default 4*d_model (gpt2) / ~8/3*d_model (llama)."""
-    vocab_size: Optional[int] = Field(None, ge=2)
+    vocab_size: int | None = Field(None, ge=2)
     """Embedding rows; default: the tokenizer's vocabulary size."""
-    max_seq_len: Optional[int] = Field(None, ge=1)
+    max_seq_len: int | None = Field(None, ge=1)
     """Positions the model supports; default: train.seq_len."""
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     """Dropout probability."""
@@ -58,7 +58,7 @@ class ModelSection(_Section):
     """ResNet only: the residual block type."""
 
     @model_validator(mode="after")
-    def _heads_divide(self) -> "ModelSection":
+    def _heads_divide(self) -> ModelSection:
         if self.d_model % self.n_head:
             raise ValueError(f"model.d_model ({self.d_model}) must be divisible by model.n_head ({self.n_head})")
         if self.n_kv_head is not None and self.n_head % self.n_kv_head:
@@ -78,7 +78,7 @@ class TokenizerSection(_Section):
     """The SentencePiece algorithm a trained tokenizer uses."""
     vocab_size: int = Field(4096, ge=64, le=1_000_000)
     """Vocabulary size of a trained tokenizer."""
-    path: Optional[str] = None
+    path: str | None = None
     """An existing tokenizer instead of training one: a SentencePiece .model file, or a Hugging Face
     tokenizer (a directory with tokenizer.json); default with model.pretrained: that checkpoint's."""
     sample_bytes: int = Field(20_000_000, ge=1000)
@@ -88,32 +88,32 @@ class TokenizerSection(_Section):
 class DataSourceSection(_Section):
     """One source of a mixture: its own inputs and weight; everything else comes from ``data``."""
 
-    path: Union[str, list[str]]
+    path: str | list[str]
     """This source's inputs (file, directory, glob, or a list of them)."""
     weight: float = Field(1.0, gt=0)
     """This source's share of the mixture, relative to the other sources' weights."""
-    download: Optional[Literal["shakespeare"]] = None
+    download: Literal["shakespeare"] | None = None
     """Fetch a named text corpus into this source's path if it is missing."""
-    text_field: Optional[str] = None
+    text_field: str | None = None
     """This source's text field; default: data.text_field."""
 
 
 class DataSection(_Section):
     """The training data: inputs, tokenizer, preparation (token shards) and the loader."""
 
-    path: Optional[Union[str, list[str]]] = None
+    path: str | list[str] | None = None
     """Inputs (file, directory, glob, or a list; see bigtrain/data/sources.py), or a prepared directory."""
-    download: Optional[Literal["shakespeare", "digits", "synthetic-images"]] = None
+    download: Literal["shakespeare", "digits", "synthetic-images"] | None = None
     """Fetch into data.path if missing: a text corpus, or image sets (train/ and val/) for image_classification."""
-    sources: Optional[list[DataSourceSection]] = None
+    sources: list[DataSourceSection] | None = None
     """Several inputs mixed by weight (instead of data.path): a list of {path, weight, download, text_field}."""
     text_field: str = "text"
     """The text field of .jsonl records / column of .parquet, .tsv and Hugging Face datasets."""
     label_field: str = "label"
     """sequence_classification: the records' label field."""
-    labels: Optional[list[str]] = None
+    labels: list[str] | None = None
     """sequence_classification: the label set; default: the training records' distinct labels, sorted."""
-    val_path: Optional[str] = None
+    val_path: str | None = None
     """sequence_classification: the held-out records (same fields as data.path)."""
     reader: Literal["native", "hf"] = "native"
     """How input files are read: bigtrain's own readers, or "hf": datasets.load_dataset(streaming=True)."""
@@ -121,7 +121,7 @@ class DataSection(_Section):
     """A malformed input record stops preparation with an error naming it, or is counted and skipped."""
     val_fraction: float = Field(0.01, gt=0.0, lt=0.5)
     """Share of the text held out for validation when preparing token shards."""
-    cache_dir: Optional[str] = None
+    cache_dir: str | None = None
     """Where prepared data is cached (by content hash); default: $BIGTRAIN_CACHE or ~/.cache/bigtrain."""
     shard_tokens: int = Field(50_000_000, ge=1024)
     """Tokens per prepared shard file."""
@@ -144,14 +144,14 @@ class DataSection(_Section):
     """image_classification: random crop (reflect padding) and horizontal flip of training images."""
 
     @model_validator(mode="after")
-    def _path_or_sources(self) -> "DataSection":
+    def _path_or_sources(self) -> DataSection:
         if self.sources is not None and (self.path is not None or self.download is not None):
             raise ValueError("data: set either data.path (one source) or data.sources (a mixture), not both")
         if self.sources is not None and not self.sources:
             raise ValueError("data.sources: empty list (give at least one {path, weight})")
         return self
 
-    def source_sections(self) -> list["DataSection"]:
+    def source_sections(self) -> list[DataSection]:
         """One DataSection per source (a single-source config yields itself)."""
         if self.sources is None:
             return [self]
@@ -189,11 +189,11 @@ class TrainSection(_Section):
     """Tokens of text sampled from the model at the end (0: none)."""
     sample_prompt: str = "\n"
     """The prompt of that sample."""
-    threads: Optional[int] = Field(None, ge=1)
+    threads: int | None = Field(None, ge=1)
     """CPU threads per rank; default: $OMP_NUM_THREADS (the launcher sets it), else cores / local ranks."""
 
     @model_validator(mode="after")
-    def _batch_divides(self) -> "TrainSection":
+    def _batch_divides(self) -> TrainSection:
         if self.global_batch_size % self.micro_batch_size:
             raise ValueError(
                 f"train.global_batch_size ({self.global_batch_size}) must be a multiple of "
@@ -250,7 +250,7 @@ class DeepSpeedSection(_Section):
     """Merged into the generated DeepSpeed JSON (not the batch, clipping or precision keys bigtrain sets)."""
 
     @model_validator(mode="after")
-    def _possible(self) -> "DeepSpeedSection":
+    def _possible(self) -> DeepSpeedSection:
         if self.offload_optimizer and self.stage == 0:
             raise ValueError("strategy.deepspeed.offload_optimizer needs ZeRO stage 1, 2 or 3 (stage is 0)")
         if self.offload_param and self.stage != 3:
@@ -268,7 +268,8 @@ class DeepSpeedSection(_Section):
             if key in zero and not flag and "optimizer" not in self.extra:
                 raise ValueError(
                     f"strategy.deepspeed.extra.zero_optimization.{key}: ZeRO-Offload cannot step a client "
-                    f"(torch) optimizer; set strategy.deepspeed.{key}: true so bigtrain configures DeepSpeed's CPU Adam")
+                    f"(torch) optimizer; set strategy.deepspeed.{key}: true so bigtrain configures DeepSpeed's "
+                    f"CPU Adam")
         return self
 
 
@@ -281,7 +282,7 @@ class FSDPSection(_Section):
     """Keep parameters, gradients and optimizer state on the CPU."""
     replicate: int = Field(1, ge=1)
     """HSDP: replicas of the sharded model; replicate x shard = world size."""
-    shard: Optional[int] = Field(None, ge=1)
+    shard: int | None = Field(None, ge=1)
     """HSDP: ranks one replica is sharded over; default: world size / replicate."""
 
 
@@ -330,7 +331,7 @@ class WandbSection(_Section):
     """online, offline (written under the run directory for a later sync), or disabled."""
     project: str = "bigtrain"
     """The W&B project."""
-    entity: Optional[str] = None
+    entity: str | None = None
     """The W&B team or user; default: your default entity."""
     tags: list[str] = Field(default_factory=list)
     """Tags on the W&B run."""

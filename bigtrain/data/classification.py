@@ -12,7 +12,8 @@ A prepared record set is a directory: ``tokens.bin`` (all records' token ids bac
 or a Hugging Face ``tokenizer.json`` + config) and ``manifest.json``, built by
 :func:`bigtrain.data.cache.build_set` (manifest last, then renamed into place). A Hugging Face
 tokenizer encodes with the model's own special tokens (BERT: ``[CLS] text [SEP]``); with a
-SentencePiece model :class:`ClassificationStream` prepends ``<cls>``. The stream pads each micro-batch to its longest record.
+SentencePiece model :class:`ClassificationStream` prepends ``<cls>``. The stream pads each
+micro-batch to its longest record.
 :func:`prepare_cached` keys record sets by the content of their inputs and settings.
 
 Bucketing (``bucket=True``): the global batch of a step (the same positions as without
@@ -27,8 +28,9 @@ resuming, with any world size, is exact.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -36,8 +38,19 @@ import torch
 from bigtrain.data.cache import build_set, file_entry, key_digest
 from bigtrain.data.errors import BadRecords, DataError
 from bigtrain.data.order import SampleOrder
-from bigtrain.data.shards import MANIFEST, check_files, load_manifest, sha256_file, token_dtype
-from bigtrain.data.sources import content_fingerprint, jsonl_records, resolve_files, tsv_rows
+from bigtrain.data.shards import (
+    MANIFEST,
+    check_files,
+    load_manifest,
+    sha256_file,
+    token_dtype,
+)
+from bigtrain.data.sources import (
+    content_fingerprint,
+    jsonl_records,
+    resolve_files,
+    tsv_rows,
+)
 from bigtrain.data.stream import PositionalStream
 from bigtrain.data.tokenizer import AnyTokenizer, load_tokenizer
 
@@ -45,7 +58,7 @@ FORMAT = "bigtrain-records/1"
 
 
 def read_records(files: Sequence[Path], text_field: str = "text", label_field: str = "label",
-                 bad: Optional[BadRecords] = None) -> Iterator[tuple[str, str, str]]:
+                 bad: BadRecords | None = None) -> Iterator[tuple[str, str, str]]:
     """Yield (text, label as a string, "file:line")."""
     bad = bad if bad is not None else BadRecords()
     for f in map(Path, files):
@@ -70,7 +83,7 @@ def _label_order(found: set[str]) -> list[str]:
 
 
 def prepare_classification(files: Sequence[str | Path], tokenizer: AnyTokenizer, out_dir: str | Path,
-                           labels: Optional[Sequence[str]] = None, text_field: str = "text",
+                           labels: Sequence[str] | None = None, text_field: str = "text",
                            label_field: str = "label", on_bad_record: str = "error",
                            log=print) -> dict[str, Any]:
     """Tokenize the records of ``files`` into a record set at ``out_dir``; return its manifest."""
@@ -114,7 +127,7 @@ def prepare_classification(files: Sequence[str | Path], tokenizer: AnyTokenizer,
     return build_set(Path(out_dir), write, replace=True)
 
 
-def prepare_cached(path, tokenizer: AnyTokenizer, cache_root: Path, labels: Optional[Sequence[str]] = None,
+def prepare_cached(path, tokenizer: AnyTokenizer, cache_root: Path, labels: Sequence[str] | None = None,
                    text_field: str = "text", label_field: str = "label", on_bad_record: str = "error",
                    log=print) -> Path:
     """The record set of the files at ``path`` (a file, directory or glob), prepared into
@@ -158,7 +171,7 @@ class ClassificationStream(PositionalStream):
         self.pad_id, self.cls_id = tok.pad_id, tok.piece_id("<cls>") if add_cls else None
         self.seed, self.max_len, self.bucket = seed, max_len, bucket
         self.order = SampleOrder(self.manifest["records"], seed, shuffle_buffer=shuffle_buffer, shuffle=shuffle)
-        self._arrays: Optional[tuple[np.ndarray, np.ndarray, np.ndarray]] = None
+        self._arrays: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
         self._bucketed: tuple[int, np.ndarray] = (-1, np.empty(0, dtype=np.int64))
 
     def __getstate__(self) -> dict:

@@ -47,7 +47,8 @@ def download(name: str, dest: str | Path) -> Path:
                     assert src is not None
                     (out / Path(member.name).name).write_bytes(src.read())
         if not any(out.iterdir()):
-            raise DataError(f"corpus '{name}': archive {archives[0].name} holds no files matching {spec['member_glob']}")
+            raise DataError(f"corpus '{name}': archive {archives[0].name} holds no files matching "
+                            f"{spec['member_glob']}")
         if dest.exists():
             shutil.rmtree(dest)
         out.rename(dest)

@@ -13,7 +13,8 @@ workers), which is where the dataset's ``state_dict`` is meaningful.
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Optional
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 
@@ -34,9 +35,9 @@ class HFTokenStream:
         self.tokenizer, self.seq_len, self.micro_batch, self.accum = tokenizer, seq_len, micro_batch, accum
         self.rank, self.world_size, self.text_field = rank, world_size, text_field
         self._pending: list[int] = []  # tokens packed but not yet yielded
-        self._iter: Optional[Iterator[dict[str, torch.Tensor]]] = None
+        self._iter: Iterator[dict[str, torch.Tensor]] | None = None
         self._consumed = 0
-        self._state_at_step: Optional[dict[str, Any]] = None
+        self._state_at_step: dict[str, Any] | None = None
 
     def _documents(self) -> Iterator[tuple[list[int], dict]]:
         for row, record in enumerate(self.dataset, 1):

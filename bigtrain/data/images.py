@@ -18,7 +18,7 @@ from (seed, position), so a resumed or resharded run sees exactly the same image
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -67,7 +67,7 @@ def write_digits(out_dir: str | Path, split: str = "train") -> Path:
 
 
 def write_synthetic(out_dir: str | Path, n: int, resolution: int, channels: int = 3, num_classes: int = 10,
-                    seed: int = 0, chunk: int = 1024, class_seed: Optional[int] = None) -> Path:
+                    seed: int = 0, chunk: int = 1024, class_seed: int | None = None) -> Path:
     """``n`` images of ``resolution`` x ``resolution``: each class has its own colour and stripe
     frequency/orientation, plus noise and a random shift. Written ``chunk`` images at a time.
     ``class_seed`` (default: ``seed``) draws the classes: sets written with the same class seed and
@@ -103,7 +103,7 @@ def write_synthetic(out_dir: str | Path, n: int, resolution: int, channels: int 
 SYNTHETIC = {"train": 4096, "val": 512}  # data.download: synthetic-images (32x32 RGB, 10 classes)
 
 
-def image_splits(root: str | Path, download: Optional[str] = None, log=print) -> dict[str, Path]:
+def image_splits(root: str | Path, download: str | None = None, log=print) -> dict[str, Path]:
     """The ``train`` (and ``val``, if present) image sets under ``root``, written first by
     ``download`` (``digits`` or ``synthetic-images``) when ``root`` has no train set yet."""
     root = Path(root)
@@ -143,8 +143,8 @@ class ImageStream(PositionalStream):
     ``position``."""
 
     def __init__(self, root: str | Path, global_batch: int, micro_batch: int, rank: int = 0, world_size: int = 1,
-                 seed: int = 0, augment: bool = True, crop_padding: Optional[int] = None, flip: bool = True,
-                 shuffle: bool = True, shuffle_buffer: int = 16384, normalize_with: Optional[str | Path] = None):
+                 seed: int = 0, augment: bool = True, crop_padding: int | None = None, flip: bool = True,
+                 shuffle: bool = True, shuffle_buffer: int = 16384, normalize_with: str | Path | None = None):
         """``normalize_with``: another set (e.g. the train set, for a val stream) whose per-channel
         mean/std normalize this one; default: this set's own."""
         super().__init__(global_batch, micro_batch, rank, world_size)
@@ -163,7 +163,7 @@ class ImageStream(PositionalStream):
                              f"{self.root} has {self.manifest['shape'][1]}")
         self.mean = torch.tensor(stats["mean"]).view(1, -1, 1, 1)
         self.std = torch.tensor(stats["std"]).view(1, -1, 1, 1)
-        self._arrays: Optional[tuple[np.ndarray, np.ndarray]] = None
+        self._arrays: tuple[np.ndarray, np.ndarray] | None = None
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_arrays": None}
@@ -196,5 +196,6 @@ class ImageStream(PositionalStream):
         ids = [self.order.sample_at(int(p)) for p in positions]
         rows = [self._augmented(images[i], p) if self.augment else images[i] for i, p in zip(ids, positions)]
         x = torch.from_numpy(np.stack(rows).astype(np.float32) / 255.0)
-        return {"images": (x - self.mean) / self.std, "labels": torch.from_numpy(np.asarray(labels[ids], dtype=np.int64)),
+        return {"images": (x - self.mean) / self.std, "labels": torch.from_numpy(np.asarray(labels[ids],
+                                                                                            dtype=np.int64)),
                 "sample": torch.tensor(ids), "position": torch.from_numpy(np.asarray(positions))}

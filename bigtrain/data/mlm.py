@@ -16,7 +16,8 @@ also ends its word, so the piece after it starts the next one (the first word of
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -58,7 +59,7 @@ def mask_generator(seed: int, position: int) -> torch.Generator:
 
 def mask_tokens(input_ids: torch.Tensor, generator: torch.Generator, mask_id: int, vocab_size: int,
                 special_ids: Sequence[int], prob: float = 0.15,
-                words: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                words: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Mask one row (1-D LongTensor) of token ids; returns ``(inputs, labels)``.
 
     ``words`` (per-position word index, non-decreasing, e.g. from :func:`word_ids`) switches to

@@ -16,7 +16,7 @@ A :class:`Mixture` interleaves several sources by weight with the same propertie
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

@@ -23,19 +23,45 @@ from __future__ import annotations
 import itertools
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 from bigtrain.config import DataSection
 from bigtrain.data import corpora
 from bigtrain.data.cache import build_set, default_cache_dir, file_entry, key_digest
 from bigtrain.data.errors import BadRecords, DataError
-from bigtrain.data.shard_writer import VAL_BLOCK_TOKENS, WrittenShards, unigram_entropy, write_shards
-from bigtrain.data.shards import FORMAT, MANIFEST, PreparedData, is_prepared_dir, open_prepared, token_dtype
-from bigtrain.data.sources import DocumentPass, content_fingerprint, input_bytes, iter_documents, resolve_files
-from bigtrain.data.tokenizer import AnyTokenizer, Tokenizer, load_tokenizer, open_tokenizer, sample_lines, train_on_lines
+from bigtrain.data.shard_writer import (
+    VAL_BLOCK_TOKENS,
+    WrittenShards,
+    unigram_entropy,
+    write_shards,
+)
+from bigtrain.data.shards import (
+    FORMAT,
+    MANIFEST,
+    PreparedData,
+    is_prepared_dir,
+    open_prepared,
+    token_dtype,
+)
+from bigtrain.data.sources import (
+    DocumentPass,
+    content_fingerprint,
+    input_bytes,
+    iter_documents,
+    resolve_files,
+)
+from bigtrain.data.tokenizer import (
+    AnyTokenizer,
+    Tokenizer,
+    load_tokenizer,
+    open_tokenizer,
+    sample_lines,
+    train_on_lines,
+)
 
 Log = Callable[[str], None]
 
@@ -88,7 +114,7 @@ def _locate(cfg: DataSection, log: Log) -> PreparedData | _Inputs:
     return _Inputs(cfg, resolve_files(cfg.path))
 
 
-def _cached_or_pending(inputs: _Inputs, tokenizer_key: str | dict[str, Any], out_dir: Optional[str | Path],
+def _cached_or_pending(inputs: _Inputs, tokenizer_key: str | dict[str, Any], out_dir: str | Path | None,
                        log: Log) -> PreparedData | _Pending:
     """The cached set of these inputs and settings, or what building it needs (the corpus checked
     to hold some text)."""
@@ -107,7 +133,7 @@ def _cached_or_pending(inputs: _Inputs, tokenizer_key: str | dict[str, Any], out
     return _Pending(inputs, key, root, bad, documents)
 
 
-def _fixed_tokenizer(cfg: DataSection, located: list[PreparedData | _Inputs]) -> Optional[AnyTokenizer]:
+def _fixed_tokenizer(cfg: DataSection, located: list[PreparedData | _Inputs]) -> AnyTokenizer | None:
     """The tokenizer the sources must use: ``data.tokenizer.path``, else that of the first source
     given as a prepared directory, else none yet (it will be trained). Every prepared directory
     among the sources is checked to use it."""
@@ -189,7 +215,8 @@ def _build(p: _Pending, tokenizer: AnyTokenizer, log: Log, t0: float) -> Prepare
             log(f"data: {p.bad.summary()}")
         if not written.tokens("val"):
             raise DataError(f"data.path: corpus '{cfg.path}' is too small for a validation split "
-                            f"(needs > {VAL_BLOCK_TOKENS} / (2 x data.val_fraction) tokens; add text or raise data.val_fraction)")
+                            f"(needs > {VAL_BLOCK_TOKENS} / (2 x data.val_fraction) tokens; add text or raise "
+                            f"data.val_fraction)")
         return _manifest(p, tokenizer, tok_files, written, (tmp / tokenizer.main_file).stat().st_size)
 
     build_set(p.root, write)
@@ -199,7 +226,7 @@ def _build(p: _Pending, tokenizer: AnyTokenizer, log: Log, t0: float) -> Prepare
     return data
 
 
-def prepare(cfg: DataSection, out_dir: Optional[str | Path] = None, log: Log = print) -> PreparedData:
+def prepare(cfg: DataSection, out_dir: str | Path | None = None, log: Log = print) -> PreparedData:
     """Prepare ``cfg.path`` (downloading ``cfg.download`` first if the path is missing).
 
     Returns the verified prepared data set. A ``cfg.path`` that already is a prepared directory is
@@ -215,7 +242,7 @@ def prepare_sources(cfg: DataSection, log: Log = print) -> list[PreparedData]:
     return _prepare_all(cfg.source_sections(), cfg.weights, None, log)
 
 
-def _prepare_all(sections: list[DataSection], weights: list[float], out_dir: Optional[str | Path],
+def _prepare_all(sections: list[DataSection], weights: list[float], out_dir: str | Path | None,
                  log: Log) -> list[PreparedData]:
     """The stages, over all sources: locate them; choose the tokenizer (or, when it is to be
     trained, key the sets by what it depends on); take the cached sets; train the tokenizer if any

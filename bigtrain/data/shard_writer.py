@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Iterable, Iterator, Optional
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -46,7 +47,7 @@ class ShardWriter:
     def __init__(self, root: Path, split: str, dtype: np.dtype, shard_tokens: int):
         self.root, self.split, self.dtype, self.shard_tokens = root, split, dtype, shard_tokens
         self.shards: list[dict[str, Any]] = []
-        self._fh: Optional[BinaryIO] = None
+        self._fh: BinaryIO | None = None
         self._hash = hashlib.sha256()
         self._count = 0
 

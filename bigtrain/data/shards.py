@@ -98,7 +98,8 @@ def check_files(root: Path, entries: list[dict[str, Any]], verify: str = "size")
         if size != entry["bytes"]:
             raise DataError(f"{path}: size {size} bytes, manifest says {entry['bytes']} (truncated or replaced)")
         if verify == "checksum" and sha256_file(path) != entry["sha256"]:
-            raise DataError(f"{path}: checksum mismatch (sha256 differs from {MANIFEST}); re-run `bigtrain data prepare`")
+            raise DataError(f"{path}: checksum mismatch (sha256 differs from {MANIFEST}); re-run `bigtrain data "
+                            f"prepare`")
 
 
 def open_prepared(root: str | Path, verify: str = "size") -> PreparedData:

@@ -24,8 +24,9 @@ import itertools
 import json
 import os
 import sys
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional, Sequence, Union
+from typing import Any
 
 from bigtrain.data.errors import BadRecords, DataError
 
@@ -37,11 +38,11 @@ def is_hf_saved_dir(path: Path) -> bool:
     return path.is_dir() and (path / "state.json").is_file() and (path / "dataset_info.json").is_file()
 
 
-def _as_list(path: Union[str, Sequence[str]]) -> list[str]:
+def _as_list(path: str | Sequence[str]) -> list[str]:
     return [path] if isinstance(path, str) else list(path)
 
 
-def resolve_files(path: Union[str, Sequence[str]]) -> list[Path]:
+def resolve_files(path: str | Sequence[str]) -> list[Path]:
     """Expand files, directories (recursively) and globs into a sorted list of inputs.
     A ``save_to_disk`` directory is one input."""
     files: list[Path] = []
@@ -171,7 +172,8 @@ def _hf_stream(files: Sequence[Path], text_field: str, bad: BadRecords) -> Itera
         except DataError:
             raise
         except Exception as err:  # the builders raise their own types (ArrowInvalid, ...)
-            raise DataError(f"{f}: datasets could not read it ({type(err).__name__}: {str(err).splitlines()[0]})") from None
+            first = str(err).splitlines()[0]
+            raise DataError(f"{f}: datasets could not read it ({type(err).__name__}: {first})") from None
 
 
 def iter_documents(files: Sequence[Path], text_field: str = "text", bad: BadRecords | None = None,
@@ -180,7 +182,8 @@ def iter_documents(files: Sequence[Path], text_field: str = "text", bad: BadReco
     bad = bad if bad is not None else BadRecords()
     if reader == "hf":
         plain = [f for f in files if not is_hf_saved_dir(f)]
-        streams = [_hf_stream(plain, text_field, bad)] + [_hf_saved(f, text_field, bad) for f in files if f not in plain]
+        streams = [_hf_stream(plain, text_field, bad)] + [_hf_saved(f, text_field,
+                                                                    bad) for f in files if f not in plain]
     else:
         streams = (_open(f, text_field, bad) for f in files)
     for stream in streams:
@@ -201,7 +204,7 @@ class DocumentPass:
         self._rest = iter(documents)
         self._kept: list[str] = []
 
-    def first(self) -> Optional[str]:
+    def first(self) -> str | None:
         """The first document (kept), or None if the source has none."""
         if not self._kept:
             self._kept.extend(itertools.islice(self._rest, 1))

@@ -19,7 +19,8 @@ Subclasses say how to build a batch from positions; :class:`CausalLMStream` pack
 from __future__ import annotations
 
 import itertools
-from typing import Any, Iterator, Optional, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -107,7 +108,7 @@ class StatefulLoader:
                  pin_memory: bool = False):
         self.stream, self.num_workers = stream, num_workers
         self.prefetch_factor, self.pin_memory = prefetch_factor, pin_memory
-        self._iter: Optional[Iterator] = None
+        self._iter: Iterator | None = None
         self._consumed = 0  # micro-batches handed out since ``stream.start``
 
     def _iterator(self) -> Iterator:
@@ -167,7 +168,7 @@ class TokenWindows:
         sizes = np.array([s["tokens"] for s in data.manifest["shards"] if s["split"] == split], dtype=np.int64)
         self.starts = np.concatenate([[0], np.cumsum(sizes)])
         self.total = int(self.starts[-1])
-        self._maps: Optional[list[np.memmap]] = None
+        self._maps: list[np.memmap] | None = None
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_maps": None}
@@ -214,7 +215,7 @@ class CausalLMStream(PositionalStream):
     """
 
     def __init__(self, sources: Sequence[PreparedData], seq_len: int, global_batch: int, micro_batch: int,
-                 rank: int = 0, world_size: int = 1, seed: int = 0, weights: Optional[Sequence[float]] = None,
+                 rank: int = 0, world_size: int = 1, seed: int = 0, weights: Sequence[float] | None = None,
                  shuffle: bool = True, shuffle_buffer: int = 16384, split: str = "train",
                  with_documents: bool = False):
         super().__init__(global_batch, micro_batch, rank, world_size)

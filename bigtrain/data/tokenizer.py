@@ -14,8 +14,9 @@ import hashlib
 import io
 import json
 import shutil
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator, Union
+from typing import Union
 
 import sentencepiece as spm
 
@@ -37,7 +38,7 @@ class Tokenizer:
         self.sp = spm.SentencePieceProcessor(model_proto=model_proto)
 
     @classmethod
-    def load(cls, path: str | Path) -> "Tokenizer":
+    def load(cls, path: str | Path) -> Tokenizer:
         return cls(Path(path).read_bytes())
 
     @property
@@ -167,7 +168,7 @@ class HFTokenizer:
         return written
 
 
-AnyTokenizer = Union[Tokenizer, HFTokenizer]
+AnyTokenizer = Union[Tokenizer, HFTokenizer]  # noqa: UP007 (a runtime alias)
 
 
 def load_tokenizer(path: str | Path) -> AnyTokenizer:

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
 
 from bigtrain.config import RunConfig
 from bigtrain.dist import DistInfo
 from bigtrain.strategies.base import Strategy
 
 
-def build_strategy(cfg: RunConfig, info: DistInfo, objective: Optional[Callable] = None) -> Strategy:
+def build_strategy(cfg: RunConfig, info: DistInfo, objective: Callable | None = None) -> Strategy:
     """The engine the config names, computing ``objective(model, batch) -> loss`` (default: the
     causal-LM loss). Imports only that engine (DeepSpeed is slow to import)."""
     name = cfg.strategy.name

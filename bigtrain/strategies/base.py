@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -89,7 +90,8 @@ class Strategy(ABC):
         """Where forward passes run: autocast for engines that do not cast parameters themselves."""
         return autocast(self.device, self.cfg.precision)
 
-    def evaluate(self, batch: dict[str, torch.Tensor], stats: Callable[[nn.Module, dict], torch.Tensor]) -> torch.Tensor:
+    def evaluate(self, batch: dict[str, torch.Tensor], stats: Callable[[nn.Module, dict],
+                                                                       torch.Tensor]) -> torch.Tensor:
         """``stats(model, batch on device)`` without gradients (every rank calls: sharded engines
         run collective forwards)."""
         assert self.model is not None

@@ -26,7 +26,11 @@ from bigtrain.dist import LOW_PRECISION
 from bigtrain.models import batch_norms
 from bigtrain.optim import adamw_kwargs, param_groups
 from bigtrain.strategies import memory
-from bigtrain.strategies.base import Strategy, enable_activation_checkpointing, to_device
+from bigtrain.strategies.base import (
+    Strategy,
+    enable_activation_checkpointing,
+    to_device,
+)
 from bigtrain.strategies.single import load_full_state
 
 DS_DIR = "deepspeed"

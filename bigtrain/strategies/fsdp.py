@@ -10,7 +10,6 @@ torch.distributed.checkpoint, which reshards on load when the world size changed
 from __future__ import annotations
 
 import contextlib
-
 from concurrent.futures import Future
 from pathlib import Path
 
@@ -32,7 +31,11 @@ from bigtrain.dist import LOW_PRECISION
 from bigtrain.models import batch_norms, repeated_blocks
 from bigtrain.optim import adamw_kwargs, param_groups
 from bigtrain.strategies import memory
-from bigtrain.strategies.base import Strategy, enable_activation_checkpointing, to_device
+from bigtrain.strategies.base import (
+    Strategy,
+    enable_activation_checkpointing,
+    to_device,
+)
 
 DCP_DIR = "dcp"
 
@@ -49,7 +52,8 @@ class FSDPStrategy(Strategy):
         world = self.info.world_size
         shard = fcfg.shard or world // fcfg.replicate
         if fcfg.replicate * shard != world:
-            raise ValueError(f"strategy.fsdp.replicate x shard ({fcfg.replicate} x {shard}) must equal the world size ({world})")
+            raise ValueError(f"strategy.fsdp.replicate x shard ({fcfg.replicate} x {shard}) must equal the world size "
+                             f"({world})")
         if fcfg.replicate == 1:
             return init_device_mesh(self.device.type, (world,), mesh_dim_names=("shard",))
         return init_device_mesh(self.device.type, (fcfg.replicate, shard), mesh_dim_names=("replicate", "shard"))

@@ -12,7 +12,11 @@ from torch import nn
 from bigtrain.checkpoint import fault_point
 from bigtrain.optim import build_adamw
 from bigtrain.strategies import memory
-from bigtrain.strategies.base import Strategy, enable_activation_checkpointing, to_device
+from bigtrain.strategies.base import (
+    Strategy,
+    enable_activation_checkpointing,
+    to_device,
+)
 
 
 class SingleStrategy(Strategy):

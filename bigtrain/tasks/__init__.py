@@ -4,7 +4,7 @@ per task. ``train.py`` drives any of them through :class:`bigtrain.tasks.base.Ta
 from __future__ import annotations
 
 import importlib
-from typing import Callable
+from collections.abc import Callable
 
 from bigtrain.config import RunConfig
 from bigtrain.dist import DistInfo

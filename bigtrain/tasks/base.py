@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -43,7 +43,7 @@ class Task:
 
     def __init__(self, cfg: RunConfig, info: DistInfo, log: Callable[[str], None]):
         self.cfg, self.info, self.log = cfg, info, log
-        self.tokenizer: Optional[AnyTokenizer] = None
+        self.tokenizer: AnyTokenizer | None = None
 
     # -- data ----------------------------------------------------------------------------
     def prepare(self) -> None:
@@ -92,12 +92,12 @@ class Task:
                 self.tokenizer.save_files(run_dir)
         return tuple(files)
 
-    def sample(self, strategy) -> Optional[str]:
+    def sample(self, strategy) -> str | None:
         """What the trained model produces at the end of a run, to show (collective: every rank
         calls; sharded engines run collective forwards). None: nothing to show."""
         return None
 
-    def summary(self, val_loss: Optional[float]) -> list[str]:
+    def summary(self, val_loss: float | None) -> list[str]:
         """Closing lines of a finished run."""
         return []
 

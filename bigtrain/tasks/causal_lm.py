@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 from torch import nn
@@ -60,7 +59,7 @@ class CausalLMTask(Task):
     def flops_per_sample(self, model):
         return flops_per_token(model, self.cfg.train.seq_len) * self.cfg.train.seq_len
 
-    def sample(self, strategy) -> Optional[str]:
+    def sample(self, strategy) -> str | None:
         t = self.cfg.train
         if not t.sample_tokens:
             return None
@@ -70,7 +69,7 @@ class CausalLMTask(Task):
     def unigram_entropy(self) -> float:
         return float(self.sources[0].manifest["stats"]["val_unigram_entropy_nats"])
 
-    def summary(self, val_loss: Optional[float]) -> list[str]:
+    def summary(self, val_loss: float | None) -> list[str]:
         if val_loss is None:
             return []
         entropy = self.unigram_entropy

@@ -19,9 +19,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from bigtrain.data.classification import (ClassificationStream, open_records, prepare_cached, read_records,
-                                         records_tokenizer)
 from bigtrain.data.cache import default_cache_dir
+from bigtrain.data.classification import (
+    ClassificationStream,
+    open_records,
+    prepare_cached,
+    read_records,
+    records_tokenizer,
+)
 from bigtrain.data.errors import BadRecords, DataError
 from bigtrain.data.sources import resolve_files
 from bigtrain.data.tokenizer import load_tokenizer, open_tokenizer, train_tokenizer
@@ -34,7 +39,8 @@ class SequenceClassificationTask(ClassificationTask):
 
     @staticmethod
     def logits_and_labels(model, batch):
-        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float(), batch["labels"]
+        return model(input_ids=batch["input_ids"],
+                     attention_mask=batch["attention_mask"]).logits.float(), batch["labels"]
 
     def prepare(self) -> None:
         roots = self.on_main(self._prepare_record_sets)
@@ -45,7 +51,8 @@ class SequenceClassificationTask(ClassificationTask):
     def _prepare_record_sets(self) -> tuple[str, str | None]:
         data = self.cfg.data
         if data.path is None:
-            raise DataError("data.path: not set (.tsv or .jsonl records with fields data.text_field and data.label_field)")
+            raise DataError("data.path: not set (.tsv or .jsonl records with fields data.text_field and "
+                            "data.label_field)")
         cache = Path(data.cache_dir or default_cache_dir()) / "records"
         fields = dict(text_field=data.text_field, label_field=data.label_field, on_bad_record=data.on_bad_record,
                       log=self.log)

@@ -5,7 +5,8 @@ sync) and asks for a record at log intervals, the only place it syncs with the d
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.distributed as tdist

@@ -6,7 +6,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from launcher.slurm.records import log_paths, read_record, write_record
 from launcher.slurm.scheduler import TERMINAL, job_records, run_tool
@@ -48,7 +48,8 @@ def status(run_dir: Path, as_json: bool = False, out=sys.stdout) -> int:
         task = f" task {row['task']}" if row["task"] is not None else ""
         restarts = f"  restarts {row['restarts']}" if row["restarts"] is not None else ""
         print(f"  job {row['job_id']}{task}: {row['state']}  exit {row['exit_code']}{restarts}  "
-              f"nodes {row['nodes'] or '-'}  elapsed {row['elapsed'] or '-'}{'  (' + row['note'] + ')' if row.get('note') else ''}",
+              f"nodes {row['nodes'] or '-'}  elapsed "
+              f"{row['elapsed'] or '-'}{'  (' + row['note'] + ')' if row.get('note') else ''}",
               file=out)
     for item in progress:
         if item.get("step") is not None:
@@ -58,7 +59,7 @@ def status(run_dir: Path, as_json: bool = False, out=sys.stdout) -> int:
     return 0
 
 
-def _last_jsonl(path: Path) -> Optional[dict[str, Any]]:
+def _last_jsonl(path: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     last = None
@@ -90,13 +91,13 @@ def wait_states(job_id: str) -> list[str]:
     return [rec.get("JobState", "UNKNOWN") for rec in job_records(job_id)]
 
 
-def follow(record: dict[str, Any], task: Optional[int] = None, poll_s: float = 1.0, out=sys.stdout,
-           timeout_s: Optional[float] = None) -> int:
+def follow(record: dict[str, Any], task: int | None = None, poll_s: float = 1.0, out=sys.stdout,
+           timeout_s: float | None = None) -> int:
     """Print the log(s) as they grow until the job reaches a final state; 0 if it COMPLETED."""
     job_id = str(record["job_id"])
     offsets: dict[Path, int] = {}
     start = time.monotonic()
-    unknown_since: Optional[float] = None
+    unknown_since: float | None = None
     while True:
         states = wait_states(job_id)
         _print_new(log_paths(record, task), offsets, out, prefix=record.get("array_size") and task is None)
@@ -136,7 +137,7 @@ def _print_new(paths: list[Path], offsets: dict[Path, int], out, prefix: bool = 
         out.flush()
 
 
-def logs(run_dir: Path, follow_log: bool = False, task: Optional[int] = None, out=sys.stdout) -> int:
+def logs(run_dir: Path, follow_log: bool = False, task: int | None = None, out=sys.stdout) -> int:
     record = read_record(run_dir)
     if follow_log:
         return follow(record, task, out=out)

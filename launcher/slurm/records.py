@@ -6,7 +6,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from bigtrain.config import ConfigError
 from launcher.slurm.scheduler import TERMINAL, job_records
@@ -28,7 +28,7 @@ def write_record(run_dir: Path, record: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def active_job(run_dir: Path) -> Optional[str]:
+def active_job(run_dir: Path) -> str | None:
     """The job id recorded in RUN_DIR if it is still pending or running."""
     path = Path(run_dir) / RECORD
     if not path.is_file() or not shutil.which("scontrol"):
@@ -43,7 +43,7 @@ def active_job(run_dir: Path) -> Optional[str]:
     return None
 
 
-def log_paths(record: dict[str, Any], task: Optional[int] = None) -> list[Path]:
+def log_paths(record: dict[str, Any], task: int | None = None) -> list[Path]:
     """The job's log file(s): RUN_DIR/slurm-<id>.out, or each array task's sweep-<i>/slurm-<id>_<i>.out."""
     run_dir = Path(record["run_dir"])
     job_id = str(record["job_id"])

@@ -9,8 +9,8 @@ import re
 import shlex
 import shutil
 import subprocess
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 from bigtrain.config import ConfigError
 
@@ -70,7 +70,7 @@ def _parse_scontrol(text: str) -> list[dict[str, str]]:
     return records
 
 
-def job_records(job_id: str, task_job_ids: Optional[dict[str, str]] = None) -> list[dict[str, str]]:
+def job_records(job_id: str, task_job_ids: dict[str, str] | None = None) -> list[dict[str, str]]:
     """One dict per job (per array task): JobId, ArrayTaskId, JobState, ExitCode, Restarts, NodeList, RunTime.
 
     ``scontrol show job`` knows queued, running and recently finished jobs; then ``sacct`` (a

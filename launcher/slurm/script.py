@@ -13,7 +13,7 @@ import shlex
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from bigtrain.config import ConfigError, RunConfig
 from bigtrain.exit_codes import REQUEUE
@@ -54,9 +54,9 @@ class JobSpec:
     plan: Plan
     run_dir: Path  # the run's directory; for an array, the sweep root
     submit_dir: Path
-    config_path: Optional[Path] = None  # the config snapshot (single job)
+    config_path: Path | None = None  # the config snapshot (single job)
     array_size: int = 0  # > 0: a job array; task i runs RUN_DIR/sweep-<i>/submit-config.yaml
-    array_parallel: Optional[int] = None  # at most this many tasks at once
+    array_parallel: int | None = None  # at most this many tasks at once
     template: Path = DEFAULT_TEMPLATE
     python: str = sys.executable
     extra_directives: list[str] = field(default_factory=list)
@@ -71,7 +71,8 @@ def _sbatch_path(directory: Path, pattern: str, what: str) -> str:
     (so a literal % in the directory is doubled; PATTERN keeps its %j, %A, %a)."""
     text = str(directory)
     if any(ch in text for ch in "\"\n\r\\"):
-        raise ConfigError(f"{what}: {text!r} holds a character an #SBATCH line cannot carry (quote, backslash or newline)")
+        raise ConfigError(f"{what}: {text!r} holds a character an #SBATCH line cannot carry (quote, backslash or "
+                          f"newline)")
     text = text.replace("%", "%%") + "/" + pattern
     return f'"{text}"' if any(ch.isspace() or ch == "'" for ch in text) else text
 
@@ -184,7 +185,7 @@ def exports(spec: JobSpec) -> str:
     return "\n".join(lines)
 
 
-def render(spec: JobSpec, template_text: Optional[str] = None) -> str:
+def render(spec: JobSpec, template_text: str | None = None) -> str:
     plan, res = spec.plan, spec.plan.cfg.resources
     text = spec.template.read_text() if template_text is None else template_text
     used = set(re.findall(r"\{\{\s*([A-Za-z_]+)\s*\}\}", text))
@@ -194,7 +195,8 @@ def render(spec: JobSpec, template_text: Optional[str] = None) -> str:
                           f"(known: {', '.join(sorted(PLACEHOLDERS))})")
     missing = [name for name in REQUIRED if name not in used]
     if missing:
-        raise ConfigError(f"template {spec.template}: must contain {{{{{missing[0]}}}}} (the line that starts the ranks)")
+        raise ConfigError(f"template {spec.template}: must contain {{{{{missing[0]}}}}} (the line that starts the "
+                          f"ranks)")
     mode = f"{plan.launcher} per node" if plan.launch_mode == "torchrun" else "srun, one task per rank"
     pre_step = ""
     if plan.launch_mode == "torchrun" and plan.launcher == "deepspeed":
@@ -231,7 +233,7 @@ def render(spec: JobSpec, template_text: Optional[str] = None) -> str:
     return re.sub(r"\{\{\s*([A-Za-z_]+)\s*\}\}", lambda m: values[m.group(1)], text)
 
 
-def resolve_template(cfg: RunConfig, override: Optional[str], base: Path) -> Path:
+def resolve_template(cfg: RunConfig, override: str | None, base: Path) -> Path:
     name = override or cfg.resources.template
     if not name:
         return DEFAULT_TEMPLATE

@@ -12,8 +12,8 @@ import json
 import shlex
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 from bigtrain.config import ConfigError
 from launcher.resources import (
@@ -39,9 +39,9 @@ from launcher.sweep import array_tasks, write_sweep_file
 SCRIPT = "job.sbatch"
 
 
-def submit(config: str, overrides: list[str], *, template: Optional[str] = None, dry_run: bool = False,
+def submit(config: str, overrides: list[str], *, template: str | None = None, dry_run: bool = False,
            follow_log: bool = False, sweeps: Sequence[str] = (), sweep_mode: str = "grid",
-           trials: Optional[int] = None, sweep_seed: int = 0, array_parallel: Optional[int] = None,
+           trials: int | None = None, sweep_seed: int = 0, array_parallel: int | None = None,
            parsable: bool = False, out=sys.stdout) -> int:
     base = Path.cwd()
     overrides = normalize_overrides(list(overrides))

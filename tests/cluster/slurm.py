@@ -28,7 +28,6 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Optional
 
 PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge"]
 BINARIES = ["slurmctld", "slurmd", "sbatch", "munged"]
@@ -36,7 +35,7 @@ HOSTS = Path("/etc/hosts")
 MARKER = "# bigtrain-test-cluster"
 POLICY_RC = Path("/usr/sbin/policy-rc.d")
 _counter = itertools.count(1)
-_live: set["SlurmCluster"] = set()  # started and not yet stopped (stopped on SIGTERM/SIGHUP too)
+_live: set[SlurmCluster] = set()  # started and not yet stopped (stopped on SIGTERM/SIGHUP too)
 
 
 def _free_port() -> int:
@@ -144,7 +143,7 @@ class SlurmCluster:
         # Unique per cluster (one process may run two at once), short enough for interface names.
         self.tag = f"bt{os.getpid()}c{next(_counter)}"
         self.node_names = [f"{self.tag}n{i + 1}" for i in range(nodes)]
-        self.dir: Optional[Path] = None
+        self.dir: Path | None = None
         self.procs: list[subprocess.Popen] = []
         self.netns: list[str] = []
         self.links: list[str] = []
@@ -155,7 +154,7 @@ class SlurmCluster:
 
     # -- can this machine run it? ---------------------------------------------------------------
     @staticmethod
-    def skip_reason(nodes: int = 1, namespaces: bool = False) -> Optional[str]:
+    def skip_reason(nodes: int = 1, namespaces: bool = False) -> str | None:
         if os.geteuid() != 0:
             return "the test SLURM cluster needs root (daemons, /etc/hosts, namespaces)"
         have = all(shutil.which(b) or Path(f"/usr/sbin/{b}").exists() for b in BINARIES)
@@ -172,7 +171,7 @@ class SlurmCluster:
         return None
 
     # -- start ----------------------------------------------------------------------------------
-    def start(self, timeout: float = 60) -> "SlurmCluster":
+    def start(self, timeout: float = 60) -> SlurmCluster:
         ensure_installed()
         self._stopped = False
         atexit.register(self.stop)
@@ -218,7 +217,8 @@ class SlurmCluster:
             key.chmod(0o400)
         self.munge_socket = mdir / "munge.socket"
         self._spawn("munged", ["setpriv", "--reuid=munge", "--regid=munge", "--init-groups", "/usr/sbin/munged", "-F",
-                               f"--socket={self.munge_socket}", f"--key-file={key}", f"--pid-file={mdir / 'munged.pid'}",
+                               f"--socket={self.munge_socket}", f"--key-file={key}",
+                               f"--pid-file={mdir / 'munged.pid'}",
                                f"--log-file={mdir / 'munged.log'}", f"--seed-file={mdir / 'munged.seed'}"])
         deadline = time.time() + 10
         while not self.munge_socket.exists():
@@ -264,8 +264,7 @@ class SlurmCluster:
         with open(HOSTS, "a") as fh:
             if text and not text.endswith("\n"):
                 fh.write("\n")
-            for addr, name in entries:
-                fh.write(f"{addr} {name} {self.hosts_marker}\n")
+            fh.writelines(f"{addr} {name} {self.hosts_marker}\n" for addr, name in entries)
 
     def _write_conf(self, addrs: list[str]) -> Path:
         d = self.dir
