@@ -145,6 +145,8 @@ def init(threads: int | None = None, timeout_s: float = 600.0, always: bool = Fa
     else:
         set_cpu_threads(local_world, threads)
     if (world > 1 or always) and not dist.is_initialized():
+        if device.type == "cuda":  # NCCL's flight recorder: what each rank's collectives were, for hang dumps
+            os.environ.setdefault("TORCH_NCCL_TRACE_BUFFER_SIZE", "2000")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()) if world == 1 else "29500")
         # Engines (DeepSpeed) read these directly; srun or a plain `python` may not have set them.
@@ -181,6 +183,23 @@ def shutdown() -> None:
         else:
             dist.destroy_process_group()
     gc.collect()
+
+
+def collective_trace_dumper(info: DistInfo):
+    """On NCCL, a function that writes this rank's flight-recorder entries (pickled) into a
+    directory; None where there is none (gloo)."""
+    if info.device.type != "cuda" or not dist.is_initialized():
+        return None
+    dump = getattr(torch._C._distributed_c10d, "_dump_nccl_trace", None)
+    if dump is None:
+        return None
+
+    def write(directory) -> None:
+        from pathlib import Path
+
+        (Path(directory) / f"rank-{info.rank}-nccl-trace.pkl").write_bytes(dump())
+
+    return write
 
 
 def barrier() -> None:

@@ -32,6 +32,7 @@ from bigtrain.config import ConfigError, RunConfig, load_config
 from bigtrain.data.errors import DataError
 from bigtrain.data.stream import StatefulLoader
 from bigtrain.exit_codes import BAD_INPUT, FAILED, INTERRUPTED, OK
+from bigtrain.heartbeat import Heartbeat
 from bigtrain.interrupts import StopRequests
 from bigtrain.optim import lr_at
 from bigtrain.perf import cpu_low_precision_slowdown, peak_flops
@@ -92,10 +93,16 @@ class SampleLog:
 STEP_DELAY_S = float(os.environ.get("BIGTRAIN_TEST_STEP_DELAY_S", "0"))
 
 
-def injected_failure(step: int) -> None:
-    """``BIGTRAIN_FAULT=loop-error@<step>`` raises inside the loop at that step (fault injection)."""
-    if os.environ.get("BIGTRAIN_FAULT") == f"loop-error@{step}":
+def injected_faults(step: int, rank: int) -> None:
+    """Fault injection at the start of ``step``: ``BIGTRAIN_FAULT=loop-error@<step>`` raises,
+    ``stall@<step>`` sleeps for an hour (a hung rank); ``BIGTRAIN_FAULT_RANK`` limits it to one rank."""
+    fault = os.environ.get("BIGTRAIN_FAULT", "")
+    if not fault.endswith(f"@{step}") or os.environ.get("BIGTRAIN_FAULT_RANK", str(rank)) != str(rank):
+        return
+    if fault.startswith("loop-error@"):
         raise RuntimeError(f"injected failure at step {step} (BIGTRAIN_FAULT)")
+    if fault.startswith("stall@"):
+        time.sleep(3600)
 
 
 def seed_everything(seed: int) -> None:
@@ -135,8 +142,10 @@ class Trainer:
     def setup(self) -> None:
         cfg, on_close = self.cfg, self._teardown.callback
         dist.check_precision_supported(cfg.precision)
+        # the process group's own timeout comes after bigtrain's watchdog (a clearer report)
         info = self.info = dist.init(threads=cfg.train.threads, always=cfg.strategy.name != "single",
-                                     accelerator=cfg.resources.accelerator)
+                                     accelerator=cfg.resources.accelerator,
+                                     timeout_s=max(600.0, cfg.train.collective_timeout_s + 120))
         cfg.check_world_size(info.world_size)
         self.run_dir = cfg.run_dir
         self.log = print if info.is_main else (lambda _msg: None)
@@ -150,6 +159,9 @@ class Trainer:
         model = task.build_model()
         run_files = task.save_run_files(self.run_dir, model)
         dist.barrier()
+        self.heartbeat = Heartbeat(self.run_dir, info.rank, info.world_size, cfg.train.collective_timeout_s,
+                                   self.log, dump_collectives=dist.collective_trace_dumper(info))
+        on_close(self.heartbeat.close)
         flops_per_sample = task.flops_per_sample(model)
         n_params = sum(p.numel() for p in model.parameters())
         self.strategy = build_strategy(cfg, info, task.objective)
@@ -198,20 +210,25 @@ class Trainer:
         max_steps = cfg.train.max_steps
         accum = cfg.grad_accum_steps(self.info.world_size)
         stop = False
+        beat = self.heartbeat.enter
         while state.step < max_steps and not stop:
             step = state.step + 1
             self.phase = f"step {step}"
             lr = lr_at(state.step, max_steps, cfg.optim.lr, cfg.schedule)
             for micro in range(accum):
+                beat("data", step)
+                injected_faults(step, self.info.rank)
                 batch = reader.next()
                 if self.sample_log:
                     self.sample_log.write(state.step, batch)
+                beat("forward-backward")
                 self.metrics.add_loss(strategy.forward_backward(batch, scale=1.0 / accum,
                                                                 last_micro=micro == accum - 1))
+            beat("optimizer")
             grad_norm = strategy.step(lr)
             state.step = step
-            injected_failure(step)
 
+            beat("log")
             if step % cfg.train.log_every == 0 or step == max_steps:
                 record = self.metrics.record(step, lr=lr, grad_norm=grad_norm, epoch=reader.epoch,
                                              memory=strategy.memory_report)
@@ -220,16 +237,19 @@ class Trainer:
                     raise FloatingPointError(f"loss became {record['loss']} at step {step}")
                 self.tracker.log_metrics(record)
             if (cfg.train.eval_every and step % cfg.train.eval_every == 0) or step == max_steps:
-                evals = evaluate(strategy, self.task)
+                beat("eval")
+                with self.metrics.paused():  # evaluation time is not training throughput
+                    evals = evaluate(strategy, self.task)
                 if evals is not None:
                     state.val_loss = evals["val_loss"]
                     self.tracker.log_eval({"step": step, **evals})
-                self.metrics.pause()  # evaluation time is not training throughput
             if STEP_DELAY_S:
                 time.sleep(STEP_DELAY_S)
+            beat("stop-poll")
             stop, time_due = self.stops.poll(self.ckpt.time_due())  # agreed across ranks
-            if self.ckpt.step_end(step, last=step == max_steps, stop=stop, time_due=time_due):
-                self.metrics.pause()
+            beat("checkpoint")
+            with self.metrics.paused():
+                self.ckpt.step_end(step, last=step == max_steps, stop=stop, time_due=time_due)
 
         self.phase = "the end of the run"
         self.ckpt.close()  # the last save is committed

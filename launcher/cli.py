@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import sys
@@ -117,9 +118,25 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    """A submitted run: its SLURM jobs and progress; any run: where each rank is (heartbeats)."""
+    from bigtrain.heartbeat import describe, read_heartbeats
     from launcher.slurm import status
 
-    return status(Path(args.run_dir), as_json=args.json)
+    run_dir = Path(args.run_dir)
+    beats = read_heartbeats(run_dir)
+    if not (run_dir / "slurm.json").is_file() and beats:  # a local run: heartbeats only
+        if args.json:
+            print(json.dumps({"run_dir": str(run_dir), "ranks": beats}, indent=2))
+        else:
+            print(f"run {run_dir}")
+            for line in describe(beats):
+                print(f"  {line}")
+        return 0
+    code = status(run_dir, as_json=args.json)
+    if beats and not args.json:
+        for line in describe(beats):
+            print(f"  {line}")
+    return code
 
 
 def cmd_logs(args: argparse.Namespace) -> int:

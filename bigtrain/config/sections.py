@@ -191,6 +191,9 @@ class TrainSection(_Section):
     """The prompt of that sample."""
     threads: int | None = Field(None, ge=1)
     """CPU threads per rank; default: $OMP_NUM_THREADS (the launcher sets it), else cores / local ranks."""
+    collective_timeout_s: float = Field(600.0, ge=0)
+    """After the first step, a rank whose step phase lasts longer than this dumps its stacks into
+    RUN_DIR/hang/, names the ranks that did not arrive, and exits 1 (0: never)."""
 
     @model_validator(mode="after")
     def _batch_divides(self) -> TrainSection:

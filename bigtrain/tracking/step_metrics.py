@@ -4,8 +4,9 @@ sync) and asks for a record at log intervals, the only place it syncs with the d
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -22,31 +23,39 @@ def mean_over_ranks(value: torch.Tensor) -> float:
 
 
 class StepMetrics:
-    """Throughput counts training time only: :meth:`pause` after evaluations and checkpoints."""
+    """Throughput counts training time only: evaluations and checkpoints run inside :meth:`paused`."""
 
     def __init__(self, *, device: torch.device, start_step: int, samples_per_step: int, tokens_per_sample: int,
-                 flops_per_sample: float, peak_flops: float, world_size: int):
+                 flops_per_sample: float, peak_flops: float, world_size: int,
+                 clock: Callable[[], float] = time.perf_counter):
         self.samples_per_step, self.tokens_per_sample = samples_per_step, tokens_per_sample
         self.flops_per_sample, self.peak_flops, self.world_size = flops_per_sample, peak_flops, world_size
+        self.clock = clock
         self.loss_sum = torch.zeros((), device=device)
         self.micro_batches = 0
         self.last_step = start_step
-        self.t_start = self.t_last = time.perf_counter()
+        self.t_start = self.t_last = clock()
+        self.paused_s = 0.0  # not training, since the last record
 
     def add_loss(self, loss: torch.Tensor) -> None:
         self.loss_sum += loss
         self.micro_batches += 1
 
-    def pause(self) -> None:
-        """Time since the last step was not training (evaluation, a checkpoint)."""
-        self.t_last = time.perf_counter()
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Time spent in here is not training (evaluation, a checkpoint)."""
+        began = self.clock()
+        try:
+            yield
+        finally:
+            self.paused_s += self.clock() - began
 
     def record(self, step: int, *, lr: float, grad_norm: torch.Tensor, epoch: float,
                memory: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         """The record for the steps since the last one (collective: the loss is averaged over ranks)."""
         loss = mean_over_ranks(self.loss_sum) / self.micro_batches
-        now = time.perf_counter()
-        sps = self.samples_per_step * (step - self.last_step) / (now - self.t_last)
+        now = self.clock()
+        sps = self.samples_per_step * (step - self.last_step) / max(now - self.t_last - self.paused_s, 1e-9)
         record = {"step": step, "loss": loss, "lr": lr, "grad_norm": float(grad_norm)}
         if self.tokens_per_sample:
             record.update(tokens_per_s=sps * self.tokens_per_sample,
@@ -59,5 +68,5 @@ class StepMetrics:
         self.loss_sum.zero_()
         self.micro_batches = 0
         self.last_step = step
-        self.t_last = time.perf_counter()
+        self.t_last, self.paused_s = self.clock(), 0.0
         return record
