@@ -5,6 +5,7 @@ activation checkpointing every layer of a block runs twice (forward, then recomp
 backward) and far fewer activations are saved."""
 
 import json
+import os
 import sys
 
 import torch
@@ -45,5 +46,7 @@ def probe(argv: list[str]) -> dict:
 
 
 if __name__ == "__main__":
-    print("PROBE " + json.dumps(probe(sys.argv[1:])), flush=True)
+    line = "PROBE " + json.dumps(probe(sys.argv[1:])) + "\n"
+    sys.stdout.flush()
+    os.write(1, line.encode())  # one write: the ranks' lines never interleave
     dist.shutdown()

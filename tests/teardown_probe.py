@@ -17,5 +17,6 @@ report = {
     "engines": sum(type(obj).__name__ == "DeepSpeedEngine" for obj in gc.get_objects()),
     "gloo_threads": sum(name == "pt_gloo_runloop" for name in threads),
 }
-print("TEARDOWN " + json.dumps(report), flush=True)
+sys.stdout.flush()
+os.write(1, ("TEARDOWN " + json.dumps(report) + "\n").encode())  # one write: the ranks' lines never interleave
 os._exit(code)
