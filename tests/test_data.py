@@ -150,3 +150,16 @@ def test_cli_corrupt_prepared_data_fails_before_training(prepared, tmp_path):
     assert proc.returncode == 2
     assert f"{shard}: checksum mismatch" in proc.stderr
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("vocab, message", [
+    (64, "data.tokenizer.vocab_size: 64 is too small for this text (it needs at least"),
+    (100000, "data.tokenizer.vocab_size: 100000 is more pieces than this text holds (at most"),
+])
+def test_an_untrainable_vocabulary_size_is_a_one_line_error(tmp_path, vocab, message):
+    corpus = tmp_path / "small.txt"
+    corpus.write_text("the film was good, the play was bad\n" * 40)
+    proc = run_cli("data", "prepare", f"data.path={corpus}", f"data.tokenizer.vocab_size={vocab}",
+                   f"data.cache_dir={tmp_path / 'cache'}")
+    assert proc.returncode == 2
+    assert proc.stderr.startswith(f"error: {message}") and len(proc.stderr.strip().splitlines()) == 1

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from bigtrain.config.base import _Section
 
@@ -179,8 +179,9 @@ class TrainSection(_Section):
     """Log training metrics every N steps (and at the last one)."""
     eval_every: int = Field(0, ge=0)
     """Evaluate every N steps; 0: only at the end."""
-    eval_batches: int = Field(20, ge=1)
-    """Micro-batches per evaluation."""
+    eval_batches: int | Literal["all"] = 20
+    """Global batches per evaluation (each rank evaluates a micro-batch of each), or "all": the whole
+    validation set, split across ranks, every sample counted once."""
     compile: bool = False
     """torch.compile the model (per block under FSDP; not with strategy.name=deepspeed)."""
     grad_clip: float = Field(1.0, ge=0.0)
@@ -194,6 +195,13 @@ class TrainSection(_Section):
     collective_timeout_s: float = Field(600.0, ge=0)
     """After the first step, a rank whose step phase lasts longer than this dumps its stacks into
     RUN_DIR/hang/, names the ranks that did not arrive, and exits 1 (0: never)."""
+
+    @field_validator("eval_batches", mode="before")
+    @classmethod
+    def _eval_batches(cls, value: Any) -> Any:
+        if value == "all" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            return value
+        raise ValueError(f"train.eval_batches: expected a number of batches (>= 1) or 'all' (got {value!r})")
 
     @model_validator(mode="after")
     def _batch_divides(self) -> TrainSection:

@@ -279,12 +279,24 @@ class CausalLMStream(PositionalStream):
         return batch
 
 
-def eval_batches(data: PreparedData, seq_len: int, batch_size: int, max_batches: int,
+def eval_batches(data: PreparedData, seq_len: int, batch_size: int, max_batches: int | str,
                  rank: int = 0, world_size: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """The first ``max_batches`` x world_size sequential val batches; this rank's share of them."""
+    """The first ``max_batches`` x world_size sequential val batches; this rank's share of them.
+    ``"all"``: every val window once, the last global batch padded with windows whose targets are
+    -100 (ignored), so every rank runs the same number of forwards."""
     windows = TokenWindows(data, "val")
     n = (windows.total - 1) // seq_len
     per_batch = batch_size * world_size
+    if max_batches == "all":
+        for start in range(0, max(n, 1), per_batch):
+            ids = start + rank * batch_size + np.arange(batch_size)
+            valid = ids < n
+            rows = np.stack([windows.window(int(i if ok else 0) * seq_len, seq_len + 1) for i, ok in zip(ids, valid)])
+            t = torch.from_numpy(rows.astype(np.int64))
+            x, y = t[:, :-1], t[:, 1:].clone()
+            y[torch.from_numpy(~valid)] = -100
+            yield x, y
+        return
     usable = min(max_batches, n // per_batch) if n >= per_batch else 0
     if usable == 0:  # fewer val sequences than one global batch: every rank sees them all
         ids_list = [np.arange(min(n, batch_size))] if n else []

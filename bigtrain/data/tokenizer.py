@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -225,6 +226,23 @@ def train_tokenizer(documents: Iterable[str], vocab_size: int, model_type: str =
 def train_on_lines(lines: Iterable[str], vocab_size: int, model_type: str = "bpe", threads: int = 1) -> Tokenizer:
     """Train a SentencePiece model on every one of ``lines`` (a sample, e.g. from :func:`sample_lines`)."""
     buf = io.BytesIO()
+    try:
+        _train_sentencepiece(lines, buf, vocab_size, model_type, threads)
+    except RuntimeError as err:  # SentencePiece's own words for a vocabulary that cannot be trained
+        needed = re.search(r"required_chars\. (\d+) vs (\d+)", str(err))
+        if needed:
+            raise DataError(f"data.tokenizer.vocab_size: {vocab_size} is too small for this text (it needs at "
+                            f"least {needed.group(2)}: its characters and 256 byte pieces)") from None
+        if "Vocabulary size too high" in str(err):
+            limit = re.search(r"value <= (\d+)", str(err))
+            raise DataError(f"data.tokenizer.vocab_size: {vocab_size} is more pieces than this text holds "
+                            f"(at most {limit.group(1) if limit else '?'}); lower it") from None
+        raise
+    return Tokenizer(buf.getvalue())
+
+
+def _train_sentencepiece(lines: Iterable[str], buf: io.BytesIO, vocab_size: int, model_type: str,
+                         threads: int) -> None:
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(lines),
         model_writer=buf,
@@ -247,4 +265,3 @@ def train_on_lines(lines: Iterable[str], vocab_size: int, model_type: str = "bpe
         num_threads=threads,
         minloglevel=2,
     )
-    return Tokenizer(buf.getvalue())

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -20,12 +21,39 @@ Batch = dict[str, torch.Tensor]
 HF_CONFIG = "hf_config.json"
 
 
-def first_eval_batches(stream: PositionalStream, max_batches: int) -> Iterable[Batch]:
+IGNORE_INDEX = -100  # a label no loss counts (padding rows of the last evaluation batch)
+
+
+def first_eval_batches(stream: PositionalStream, max_batches: int | str) -> Iterable[Batch]:
     """This rank's share of the first global batches of an eval ``stream`` (global batch = micro
     batch x world size): up to ``max_batches`` of them, at most one pass (a partial last batch is
-    dropped), at least one."""
+    dropped), at least one; ``"all"``: :func:`every_eval_sample`."""
+    if max_batches == "all":
+        yield from every_eval_sample(stream)
+        return
     for index in range(min(max_batches, max(1, stream.num_samples // stream.global_batch))):
         yield stream.micro_batch_at(index)
+
+
+def padded_share(n: int, micro: int, rank: int, world: int) -> Iterable[tuple[np.ndarray, np.ndarray]]:
+    """Every one of ``n`` samples once, in global batches of ``micro x world``: this rank's
+    (positions, valid) per batch. The last global batch is completed with padding rows (position
+    0, not valid), so every rank runs the same number of forwards (sharded engines need that)."""
+    per = micro * world
+    for b in range(-(-n // per)):
+        positions = b * per + rank * micro + np.arange(micro)
+        valid = positions < n
+        yield np.where(valid, positions, 0), valid
+
+
+def every_eval_sample(stream: PositionalStream) -> Iterable[Batch]:
+    """The whole (unshuffled) eval set through ``stream.build``, each sample once; padding rows
+    get labels ``IGNORE_INDEX``."""
+    for positions, valid in padded_share(stream.num_samples, stream.micro_batch, stream.rank, stream.world_size):
+        batch = stream.build(positions)
+        if not valid.all():
+            batch["labels"][torch.from_numpy(~valid)] = IGNORE_INDEX
+        yield batch
 
 
 def check_vocabulary(model: nn.Module, tokenizer_vocab: int, where: Path) -> None:
@@ -137,10 +165,12 @@ class ClassificationTask(Task):
     @classmethod
     def eval_stats(cls, model, batch):
         logits, labels = cls.logits_and_labels(model, batch)
-        loss = F.cross_entropy(logits, labels, reduction="sum")
-        correct = (logits.argmax(-1) == labels).sum().to(loss.dtype)
-        return torch.stack([loss, torch.tensor(float(len(labels)), device=loss.device), correct])
+        loss = F.cross_entropy(logits, labels, reduction="sum", ignore_index=IGNORE_INDEX)
+        valid = labels != IGNORE_INDEX
+        correct = ((logits.argmax(-1) == labels) & valid).sum().to(loss.dtype)
+        return torch.stack([loss, valid.sum().to(loss.dtype), correct])
 
     def eval_metrics(self, sums):
         total = sums[0]
-        return {"val_loss": float(total[0] / total[1]), "val_accuracy": float(total[2] / total[1])}
+        return {"val_loss": float(total[0] / total[1]), "val_accuracy": float(total[2] / total[1]),
+                "val_samples": int(total[1])}

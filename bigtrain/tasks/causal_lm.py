@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from bigtrain.data.prepare import prepare_sources
@@ -14,7 +15,7 @@ from bigtrain.data.tokenizer import load_tokenizer
 from bigtrain.models import build_causal_lm, flops_per_token
 from bigtrain.sample import sample_text
 from bigtrain.strategies.base import causal_lm_loss
-from bigtrain.tasks.base import Task, check_vocabulary
+from bigtrain.tasks.base import IGNORE_INDEX, Task, check_vocabulary
 
 
 class CausalLMTask(Task):
@@ -51,7 +52,12 @@ class CausalLMTask(Task):
 
     @staticmethod
     def eval_stats(model, batch):
-        return torch.stack([causal_lm_loss(model, batch).float(), torch.ones((), device=batch["labels"].device)])
+        """The loss summed over the batch's (non-padding) target tokens, and their count."""
+        logits = model(input_ids=batch["input_ids"]).logits
+        labels = batch["labels"].reshape(-1)
+        total = F.cross_entropy(logits.float().view(-1, logits.size(-1)), labels, reduction="sum",
+                                ignore_index=IGNORE_INDEX)
+        return torch.stack([total, (labels != IGNORE_INDEX).sum().to(total.dtype)])
 
     def eval_metrics(self, sums):
         return lm_metrics([float(s[0] / s[1]) for s in sums], self.cfg.data.weights)
