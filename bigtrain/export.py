@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from bigtrain.checkpoint import CheckpointError, list_checkpoints, verify
+from bigtrain.checkpoint import CheckpointError, best_checkpoint, list_checkpoints, verify
 from bigtrain.config import ConfigError, validate
 from bigtrain.data.tokenizer import AnyTokenizer, HFTokenizer, Tokenizer, load_tokenizer
 from bigtrain.exit_codes import BAD_INPUT, OK
@@ -31,8 +31,12 @@ from bigtrain.tasks import task_class
 from bigtrain.tasks.base import HF_CONFIG
 
 
-def find_checkpoint(run_dir: Path, step: int | None) -> Path:
+def find_checkpoint(run_dir: Path, step: int | None, best: bool = False) -> Path:
+    """Checkpoint ``step``, the best by the run's ``checkpoint.keep_best`` (default: lowest val_loss),
+    or the newest valid one."""
     root = Path(run_dir) / "checkpoints"
+    if best:
+        return _best(run_dir, root)
     if step is not None:
         path = root / f"step-{step}"
         verify(path)
@@ -44,6 +48,19 @@ def find_checkpoint(run_dir: Path, step: int | None) -> Path:
         except CheckpointError as err:
             print(f"export: skipping {path.name}: {err}", file=sys.stderr)
     raise CheckpointError(f"{root}: no valid checkpoint to export")
+
+
+def _best(run_dir: Path, root: Path) -> Path:
+    config = Path(run_dir) / "config.yaml"
+    saved = (yaml.safe_load(config.read_text()) or {}) if config.is_file() else {}
+    keep = (saved.get("checkpoint") or {}).get("keep_best") or {"metric": "val_loss", "mode": "min"}
+    found = best_checkpoint(list_checkpoints(root), keep["metric"], keep.get("mode", "min"))
+    if found is None:
+        raise CheckpointError(f"{root}: no checkpoint was saved at an evaluation step with {keep['metric']} "
+                              f"(--best picks among checkpoints written where the run evaluated)")
+    verify(found[0])
+    print(f"export: best checkpoint {found[0].name} ({keep['metric']} {found[1]:.4f})", file=sys.stderr)
+    return found[0]
 
 
 def load_model_weights(strategy: str, ckpt: Path, model: torch.nn.Module) -> None:
@@ -112,14 +129,14 @@ def check_inputs(model: torch.nn.Module, cfg, tokenizer: AnyTokenizer | None, sa
 
 
 def export_hf(run_dir: Path, out: Path, step: int | None = None, force: bool = False,
-              log=print) -> Path:
+              log=print, best: bool = False) -> Path:
     import transformers
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
 
     run_dir = Path(run_dir)
-    ckpt = find_checkpoint(run_dir, step)
+    ckpt = find_checkpoint(run_dir, step, best)
     manifest = verify(ckpt, "size")
     try:
         cfg = validate(yaml.safe_load((ckpt / "config.yaml").read_text()))
@@ -178,12 +195,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out", type=Path, nargs="?")
     parser.add_argument("--out", dest="out_opt", type=Path)
     parser.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+    parser.add_argument("--best", action="store_true", help="the best checkpoint (checkpoint.keep_best's metric)")
     args = parser.parse_intermixed_args(argv)
     out = args.out or args.out_opt
     if out is None:
         parser.error("missing the output directory (bigtrain export RUN_DIR --to hf OUT)")
+    if args.best and args.step is not None:
+        parser.error("--best and --step choose a checkpoint each: give one")
     try:
-        export_hf(args.run_dir, out, args.step, args.force)
+        export_hf(args.run_dir, out, args.step, args.force, best=args.best)
     except CheckpointError as err:
         print(f"error: {err}", file=sys.stderr)
         return BAD_INPUT

@@ -61,13 +61,14 @@ class TrainState:
     tokens_per_step: int  # 0 for tasks that are not text
     step: int = 0  # optimizer steps done
     val_loss: float | None = None
+    last_eval: dict[str, Any] | None = None  # the latest evaluation, with its step (checkpoint.keep_best)
 
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step, "tokens_seen": self.step * self.tokens_per_step,
-                "samples_seen": self.step * self.samples_per_step, "val_loss": self.val_loss}
+                "samples_seen": self.step * self.samples_per_step, "val_loss": self.val_loss, "eval": self.last_eval}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.step, self.val_loss = int(state["step"]), state.get("val_loss")
+        self.step, self.val_loss, self.last_eval = int(state["step"]), state.get("val_loss"), state.get("eval")
 
 
 class TrainingFailed(RuntimeError):
@@ -241,8 +242,8 @@ class Trainer:
                 with self.metrics.paused():  # evaluation time is not training throughput
                     evals = evaluate(strategy, self.task)
                 if evals is not None:
-                    state.val_loss = evals["val_loss"]
-                    self.tracker.log_eval({"step": step, **evals})
+                    state.val_loss, state.last_eval = evals["val_loss"], {"step": step, **evals}
+                    self.tracker.log_eval(state.last_eval)
             if STEP_DELAY_S:
                 time.sleep(STEP_DELAY_S)
             beat("stop-poll")

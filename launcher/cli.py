@@ -187,6 +187,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         cmd += ["--step", str(args.step)]
     if args.force:
         cmd.append("--force")
+    if args.best:
+        cmd.append("--best")
     sys.stdout.flush()
     os.execv(cmd[0], cmd)
     return 0  # not reached
@@ -268,6 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", choices=["hf"], default="hf", help="output format (default: hf)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest valid one)")
     p.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+    p.add_argument("--best", action="store_true", help="the best checkpoint by checkpoint.keep_best's metric")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("config", help="print the resolved config, or explain a config key")

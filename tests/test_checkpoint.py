@@ -271,3 +271,21 @@ def test_export_to_hugging_face_gives_the_same_logits(tmp_path, reference):
         assert torch.equal(model(input_ids=ids).logits, ours(input_ids=ids).logits)
     again = run_cli("export", str(reference), "--to", "hf", str(out))
     assert again.returncode == 2 and "exists and is not empty" in again.stderr
+
+
+def test_keep_best_keeps_the_best_evaluation_and_export_takes_it(tmp_path, cache_dir, tiny_text):
+    """mode=max on val_loss makes the first evaluation the 'best' (the loss falls), so keeping it is
+    visibly not keep_last's doing."""
+    run_dir = tmp_path / "run"
+    proc = ok(run_cli(*args(run_dir, cache_dir, tiny_text, "train.max_steps=12", "train.eval_every=3",
+                            "checkpoint.every_steps=3", "checkpoint.keep_last=1",
+                            "checkpoint.keep_best={metric: val_loss, mode: max}")))
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-12", "step-3"]
+    first = read_jsonl(run_dir / "eval.jsonl")[0]
+    assert first["step"] == 3 and f"checkpoint: best so far: step-3 (val_loss {first['val_loss']:.4f})" in proc.stdout
+    out = tmp_path / "hf"
+    exported = run_cli("export", str(run_dir), "--to", "hf", str(out), "--best")
+    assert exported.returncode == 0, exported.stderr[-2000:]
+    assert f"export: best checkpoint step-3 (val_loss {first['val_loss']:.4f})" in exported.stderr
+    none = run_cli("export", str(tmp_path / "empty"), "--to", "hf", str(tmp_path / "x"), "--best")
+    assert none.returncode == 2 and "no checkpoint was saved at an evaluation step" in none.stderr

@@ -168,3 +168,23 @@ _ARCHITECTURE_KEYS = ("name", "n_layer", "n_head", "n_kv_head", "d_model", "d_ff
 def model_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     keys = [k for k in _ARCHITECTURE_KEYS if k in saved or k in current]
     return [f"model.{k} ({saved.get(k)!r} vs {current.get(k)!r})" for k in keys if saved.get(k) != current.get(k)]
+
+
+def evaluation_at(path: Path) -> dict[str, Any] | None:
+    """The evaluation a checkpoint carries, if it was made at the checkpoint's own step."""
+    try:
+        evals = json.loads((Path(path) / "trainer_state.json").read_text()).get("eval")
+    except (OSError, ValueError):
+        return None
+    return evals if evals and evals.get("step") == step_of(Path(path)) else None
+
+
+def best_checkpoint(paths: list[Path], metric: str, mode: str) -> tuple[Path, float] | None:
+    """The checkpoint (and its value) with the best ``metric`` among ``paths`` evaluated at their step;
+    the newest wins a tie."""
+    scored = [(p, e[metric]) for p in paths if (e := evaluation_at(p)) and e.get(metric) is not None]
+    if not scored:
+        return None
+    sign = 1 if mode == "min" else -1
+    return min(scored, key=lambda pv: (sign * pv[1], -step_of(pv[0])))
+

@@ -40,6 +40,7 @@ from bigtrain.checkpoint.files import (
     REPLICATED,
     CheckpointError,
     CheckpointSaveError,
+    best_checkpoint,
     derived_dir,
     fault_point,
     fsync_dir,
@@ -321,6 +322,9 @@ class CheckpointManager:
             self.last_committed = final
             self.log(f"checkpoint: saved {final} ({time.perf_counter() - pending.started:.1f}s)")
             self._prune()
+            best = self.best()
+            if best and best[0] == final:
+                self.log(f"checkpoint: best so far: {final.name} ({self.cfg.keep_best.metric} {best[1]:.4f})")
         except Exception as err:
             shutil.rmtree(tmp, ignore_errors=True)
             self._commit_error = CheckpointSaveError(self._save_failed_message(pending.step, self._describe(err)))
@@ -368,13 +372,20 @@ class CheckpointManager:
         return bool(flag.item())
 
     def _prune(self) -> None:
-        """Keep the newest ``keep_last`` plus every step that is a multiple of ``keep_every``."""
+        """Keep the newest ``keep_last``, every step that is a multiple of ``keep_every``, and the best
+        by ``keep_best``."""
+        best = self.best()
         for old in self.checkpoints()[self.cfg.keep_last:]:
-            if self.cfg.keep_every and step_of(old) % self.cfg.keep_every == 0:
+            if (self.cfg.keep_every and step_of(old) % self.cfg.keep_every == 0) or (best and old == best[0]):
                 continue
             shutil.rmtree(old, ignore_errors=True)
             for derived in self.root.glob(derived_dir(old, "*").name):
                 shutil.rmtree(derived, ignore_errors=True)
+
+    def best(self) -> tuple[Path, float] | None:
+        """The committed checkpoint with the best ``checkpoint.keep_best`` metric, and its value."""
+        keep = self.cfg.keep_best
+        return best_checkpoint(self.checkpoints(), keep.metric, keep.mode) if keep else None
 
     # -- loading --------------------------------------------------------------------------
     def load(self, path: Path, strategy, model_config: dict[str, Any]) -> dict[str, Any]:

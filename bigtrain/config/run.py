@@ -29,6 +29,12 @@ TASK_MODELS = {  # what each task trains, and on which models
     "sequence_classification": ("bert",),  # (text, label) records: fine-tuning, or from scratch
 }
 PACKED_TEXT_TASKS = ("causal_lm", "masked_lm")  # trained on prepared token shards
+TASK_METRICS = {  # what each task's evaluation reports (eval.jsonl)
+    "causal_lm": ("val_loss", "val_ppl"),
+    "masked_lm": ("val_loss", "val_ppl"),
+    "image_classification": ("val_loss", "val_accuracy"),
+    "sequence_classification": ("val_loss", "val_accuracy"),
+}
 
 
 class RunConfig(_Section):
@@ -77,6 +83,10 @@ class RunConfig(_Section):
         if self.model.pretrained and self.text_task and self.data.tokenizer.path is None:
             # a checkpoint only makes sense with the tokenizer it was trained with
             self.data.tokenizer.path = self.model.pretrained
+        best = self.checkpoint.keep_best
+        if best is not None and best.metric not in TASK_METRICS[self.task]:
+            raise ValueError(f"checkpoint.keep_best.metric: task '{self.task}' reports "
+                             f"{' and '.join(TASK_METRICS[self.task])}, not '{best.metric}'")
         if self.model.name == "resnet" and self.strategy.activation_checkpointing:
             raise ValueError("strategy.activation_checkpointing: not supported for resnet (recomputing a "
                              "block would update its BatchNorm statistics twice)")

@@ -308,6 +308,16 @@ class StrategySection(_Section):
     fsdp: FSDPSection = FSDPSection()
 
 
+class KeepBestSection(_Section):
+    """Which evaluation metric picks the best checkpoint."""
+
+    metric: str = Field("val_loss", min_length=1)
+    """An eval.jsonl metric of the task: val_loss (every task), val_ppl (language models), val_accuracy
+    (classification)."""
+    mode: Literal["min", "max"] = "min"
+    """Whether lower (min) or higher (max) is better."""
+
+
 class CheckpointSection(_Section):
     """When checkpoints are written and kept, and how a run resumes."""
 
@@ -319,6 +329,9 @@ class CheckpointSection(_Section):
     """Keep the newest N checkpoints."""
     keep_every: int = Field(0, ge=0)
     """Also keep every checkpoint whose step is a multiple of N (0: none)."""
+    keep_best: KeepBestSection | None = None
+    """Also keep the checkpoint with the best evaluation, e.g. {metric: val_accuracy, mode: max}; only
+    checkpoints written at an evaluation step compete (bigtrain export RUN --best exports it)."""
     async_: bool = Field(False, alias="async")
     """Write while training continues (one write in flight)."""
     resume: str = Field("auto", min_length=1)
