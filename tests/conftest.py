@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -154,3 +155,27 @@ def engine_reference(tmp_path_factory, cache_dir, tiny_text):
         return made[engine, nproc]
 
     return get
+
+
+# ---------------------------------------------------------------------------------------------
+# GLUE SST-2 (only from TEST_DATA: no registry package ships it; tests that need it skip without it)
+# ---------------------------------------------------------------------------------------------
+
+
+def write_records(path: Path, rows: list[tuple[str, str]]) -> Path:
+    with open(path, "w", newline="") as fh:
+        writer = csv.writer(fh, delimiter="\t", quoting=csv.QUOTE_MINIMAL)
+        writer.writerow(["label", "sentence"])
+        writer.writerows(rows)
+    return path
+
+
+@pytest.fixture(scope="session")
+def sst2(tmp_path_factory):
+    """4,000 SST-2 training sentences and the 872 dev sentences, both with a `sentence` column."""
+    def rows(name):
+        with open(SST2 / name, newline="") as fh:
+            return [(r[0], r[1]) for r in list(csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE))[1:]]
+
+    root = tmp_path_factory.mktemp("sst2")
+    return write_records(root / "train.tsv", rows("train.tsv")[:4000]), write_records(root / "dev.tsv", rows("dev.tsv"))

@@ -4,7 +4,6 @@ classifier from scratch learns, fine-tuning a Hugging Face checkpoint uses its t
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
@@ -12,29 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, SST2, read_jsonl, run_cli
+from conftest import ROOT, read_jsonl, run_cli
 from test_checkpoint import losses, ok
 
 CONFIG = ROOT / "configs" / "bert-classifier-tiny.yaml"
-
-
-def write_records(path: Path, rows: list[tuple[str, str]]) -> Path:
-    with open(path, "w", newline="") as fh:
-        writer = csv.writer(fh, delimiter="\t", quoting=csv.QUOTE_MINIMAL)
-        writer.writerow(["label", "sentence"])
-        writer.writerows(rows)
-    return path
-
-
-@pytest.fixture(scope="module")
-def sst2(tmp_path_factory):
-    """4,000 SST-2 training sentences and the 872 dev sentences, both with a `sentence` column."""
-    def rows(name):
-        with open(SST2 / name, newline="") as fh:
-            return [(r[0], r[1]) for r in list(csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE))[1:]]
-
-    root = tmp_path_factory.mktemp("sst2")
-    return write_records(root / "train.tsv", rows("train.tsv")[:4000]), write_records(root / "dev.tsv", rows("dev.tsv"))
 
 
 def classify(run_dir, cache, sst2, *extra):

