@@ -6,39 +6,18 @@ mismatches are one-line errors. The checkpoint is a real HF directory written he
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from transformers import (
     AutoTokenizer,
-    GPT2Config,
-    GPT2LMHeadModel,
-    PreTrainedTokenizerFast,
 )
 
-from bigtrain.config import ConfigError, load_config
+from bigtrain.config import load_config
 from conftest import ROOT, read_jsonl, run_cli, train_args
+from hf_checkpoints import hf_checkpoint
 
 SAMPLE = "First Citizen:\nBefore we proceed any further, hear me speak."
-
-
-def hf_checkpoint(out: Path, text: str, model_vocab: int | None = None) -> Path:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator([text], trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"],
-                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
-    fast.save_pretrained(out)
-    torch.manual_seed(0)
-    config = GPT2Config(vocab_size=model_vocab or len(fast), n_layer=2, n_head=2, n_embd=64, n_positions=128,
-                        eos_token_id=fast.eos_token_id, bos_token_id=fast.eos_token_id)
-    GPT2LMHeadModel(config).save_pretrained(out)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -105,15 +84,14 @@ def test_checkpoint_without_a_fast_tokenizer_is_an_error(tmp_path, cache_dir, ti
         f"(SentencePiece)")
 
 
-def test_config_defaults_the_tokenizer_to_the_checkpoints_and_refuses_masked_lm(tmp_path):
+def test_config_defaults_the_tokenizer_to_the_checkpoints(tmp_path):
     cfg = load_config(ROOT / "configs" / "gpt-tiny.yaml", ["model.pretrained=/models/gpt"])
     assert cfg.data.tokenizer.path == "/models/gpt"
     own = load_config(ROOT / "configs" / "gpt-tiny.yaml", ["model.pretrained=/models/gpt",
                                                            "data.tokenizer.path=/t.model"])
     assert own.data.tokenizer.path == "/t.model"
-    with pytest.raises(ConfigError) as err:
-        load_config(ROOT / "configs" / "bert-tiny.yaml", ["model.pretrained=/models/bert"])
-    assert "model.pretrained: fine-tuning is supported for causal_lm" in str(err.value)
+    bert = load_config(ROOT / "configs" / "bert-tiny.yaml", ["model.pretrained=/models/bert"])
+    assert bert.data.tokenizer.path == "/models/bert"  # masked-LM continues a BERT with its own tokenizer
 
 
 def test_missing_checkpoint_or_records_fail_in_the_launcher(tmp_path):

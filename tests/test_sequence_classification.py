@@ -5,13 +5,12 @@ classifier from scratch learns, fine-tuning a Hugging Face checkpoint uses its t
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from conftest import ROOT, read_jsonl, run_cli
+from hf_checkpoints import bert_checkpoint
 from test_checkpoint import losses, ok
 
 CONFIG = ROOT / "configs" / "bert-classifier-tiny.yaml"
@@ -35,35 +34,6 @@ def test_from_scratch_learns_sentiment(tmp_path, cache_dir, sst2):
     metrics = read_jsonl(run_dir / "metrics.jsonl")
     assert "samples_per_s" in metrics[-1] and "tokens_per_s" not in metrics[-1] and metrics[-1]["mfu"] > 0
     assert "labels {'0': 1" in proc.stdout and "(4,000 training records)" in proc.stdout
-
-
-def bert_checkpoint(out: Path, texts: list[str]) -> Path:
-    """A Hugging Face BERT encoder directory (no classification head), like a Hub checkpoint."""
-    from tokenizers import (
-        Tokenizer,
-        models,
-        normalizers,
-        pre_tokenizers,
-        processors,
-        trainers,
-    )
-    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
-
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=1000, special_tokens=specials))
-    tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", tok.token_to_id("[CLS]")), ("[SEP]",
-                                                                                       tok.token_to_id("[SEP]"))])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
-                                   sep_token="[SEP]", mask_token="[MASK]")
-    fast.save_pretrained(out)
-    torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=len(fast), hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
-                         intermediate_size=128, max_position_embeddings=128)).save_pretrained(out)
-    return out
 
 
 def test_finetune_checkpoint_resumes_exactly_and_exports(tmp_path, cache_dir, sst2):

@@ -92,9 +92,6 @@ class RunConfig(_Section):
         if self.data.val_path is not None and self.task != "sequence_classification":
             raise ValueError(f"data.val_path: only for sequence_classification (task '{self.task}' "
                              f"holds out part of data.path)")
-        if self.model.pretrained and self.task == "masked_lm":
-            raise ValueError("model.pretrained: fine-tuning is supported for causal_lm and sequence_classification; "
-                             "masked_lm trains bigtrain's BERT with its own SentencePiece vocabulary")
         if self.model.pretrained and self.model.pretrained.startswith("pkg:"):
             self.model.pretrained = package_path(self.model.pretrained)
         if self.model.pretrained and self.text_task and self.data.tokenizer.path is None:

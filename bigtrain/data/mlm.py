@@ -25,7 +25,7 @@ import torch
 from bigtrain.data.errors import DataError
 from bigtrain.data.shards import PreparedData
 from bigtrain.data.stream import CausalLMStream
-from bigtrain.data.tokenizer import SPECIAL_PIECES, Tokenizer
+from bigtrain.data.tokenizer import SPECIAL_PIECES, AnyTokenizer, HFTokenizer, load_tokenizer
 
 IGNORE = -100
 _WHITESPACE_BYTES = {f"<0x{b:02X}>" for b in b" \t\n\r\x0b\x0c"}
@@ -35,9 +35,21 @@ def _is_whitespace_piece(piece: str) -> bool:
     return piece in _WHITESPACE_BYTES or (piece != "" and piece.strip("\u2581\n") == "")
 
 
-def word_tables(tokenizer: Tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per token id (BoolTensor[vocab] each): does its piece start a word, does it end one?"""
-    pieces = [tokenizer.sp.id_to_piece(i) for i in range(tokenizer.vocab_size)]
+def word_tables(tokenizer: AnyTokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per token id (BoolTensor[vocab] each): does its piece start a word, does it end one?
+    SentencePiece: see the module docstring; WordPiece (BERT checkpoints): a piece without the
+    ``##`` continuation prefix starts a word."""
+    if isinstance(tokenizer, HFTokenizer):
+        vocab = tokenizer.backend.get_vocab(with_added_tokens=True)
+        pieces = [""] * tokenizer.vocab_size
+        for piece, i in vocab.items():
+            pieces[i] = piece
+        if not any(p.startswith("##") for p in pieces):
+            raise DataError(f"{tokenizer.directory}: data.whole_word_mask needs a WordPiece tokenizer (## marks "
+                            f"word continuations) or bigtrain's SentencePiece")
+        starts = torch.tensor([not p.startswith("##") for p in pieces])
+        return starts, torch.zeros_like(starts)
+    pieces = tokenizer.word_starts()
     ends = torch.tensor([_is_whitespace_piece(p) for p in pieces])
     starts = torch.tensor([p.startswith("\u2581") for p in pieces]) | ends
     return starts, ends
@@ -99,16 +111,14 @@ class MaskedLMStream(CausalLMStream):
         super().__init__(sources, seq_len, global_batch, micro_batch, rank, world_size, seed, **kw)
         if not 0.0 < mask_prob < 1.0:
             raise ValueError(f"mask_prob must be in (0, 1), got {mask_prob}")
-        tok = Tokenizer.load(sources[0].tokenizer_path)
+        tok = load_tokenizer(sources[0].tokenizer_path)
         try:
-            self.mask_id = tok.piece_id("<mask>")
-            control = [tok.piece_id(p) for p in SPECIAL_PIECES]
+            self.mask_id, self.special_ids = tok.masking_ids()
         except KeyError as err:
-            raise DataError(f"{sources[0].tokenizer_path}: {err.args[0]} (masked-LM needs the control pieces "
-                            f"{', '.join(SPECIAL_PIECES)}; train the tokenizer with bigtrain)") from None
+            raise DataError(f"{sources[0].tokenizer_path}: {err.args[0]} (masked-LM needs a mask token: bigtrain's "
+                            f"SentencePiece has {', '.join(SPECIAL_PIECES)}; a BERT checkpoint's tokenizer its "
+                            f"[MASK])") from None
         self.mask_prob, self.whole_word, self.vocab_size = mask_prob, whole_word, tok.vocab_size
-        self.special_ids = sorted({i for i in (tok.sp.unk_id(), tok.sp.bos_id(), tok.eos_id, tok.pad_id, *control)
-                                   if i >= 0})
         self.tables = word_tables(tok) if whole_word else None
 
     def fingerprint(self) -> dict[str, Any]:

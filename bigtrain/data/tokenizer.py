@@ -54,6 +54,17 @@ class Tokenizer:
     def pad_id(self) -> int:
         return self.sp.pad_id()
 
+    def masking_ids(self) -> tuple[int, list[int]]:
+        """(the mask id, the ids never masked) for masked-LM; KeyError without ``<mask>``."""
+        mask = self.piece_id("<mask>")
+        control = [self.piece_id(p) for p in SPECIAL_PIECES]
+        ids = {self.sp.unk_id(), self.sp.bos_id(), self.eos_id, self.pad_id, *control}
+        return mask, sorted(i for i in ids if i >= 0)
+
+    def word_starts(self) -> list[str]:
+        """Each id's piece (whole-word masking reads word boundaries from them)."""
+        return [self.sp.id_to_piece(i) for i in range(self.vocab_size)]
+
     def piece_id(self, piece: str) -> int:
         """Id of a special piece such as ``<mask>``; KeyError if the model lacks it."""
         idx = self.sp.piece_to_id(piece)
@@ -142,6 +153,16 @@ class HFTokenizer:
         if idx is None:
             raise KeyError(f"tokenizer has no piece {piece!r}")
         return idx
+
+    def masking_ids(self) -> tuple[int, list[int]]:
+        """(the mask token's id, the ids never masked: every special token) for masked-LM; KeyError
+        when the tokenizer names no mask token."""
+        mask = self._role_id("mask_token")
+        if mask < 0:
+            raise KeyError("tokenizer names no mask_token")
+        ids = {self._role_id(role) for role in _ROLES}
+        ids |= {i for i, token in self.backend.get_added_tokens_decoder().items() if token.special}
+        return mask, sorted(i for i in ids if i >= 0)
 
     @property
     def fingerprint(self) -> str:
