@@ -78,3 +78,27 @@ def test_a_pretrained_path_that_is_not_a_checkpoint_is_one_line(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip() == (f"error: model.pretrained: {tmp_path} is not a Hugging Face model directory "
                                    f"(no config.json)")
+
+
+def test_an_exported_classifier_predicts_through_a_transformers_pipeline_as_it_evaluated(tmp_path, cache_dir,
+                                                                                        checkpoints):
+    from transformers import pipeline
+
+    from test_eval_all import write_records
+
+    write_records(tmp_path / "train.tsv", 96, 0)
+    write_records(tmp_path / "val.tsv", 41, 1)
+    run_dir = tmp_path / "run"
+    ok(run_cli("train", str(ROOT / "configs" / "bert-classifier-tiny.yaml"),
+               f"model.pretrained={checkpoints['classifier']}", f"data.path={tmp_path / 'train.tsv'}",
+               f"data.val_path={tmp_path / 'val.tsv'}", f"data.cache_dir={cache_dir}", f"run.dir={run_dir}",
+               "train.max_steps=60", "train.global_batch_size=8", "train.micro_batch_size=8",
+               "train.eval_batches=all", "optim.lr=1e-3"))
+    accuracy = read_jsonl(run_dir / "eval.jsonl")[-1]["val_accuracy"]
+    out = tmp_path / "hf"
+    ok(run_cli("export", str(run_dir), "--to", "hf", str(out)))
+    rows = [line.split("\t", 1) for line in (tmp_path / "val.tsv").read_text().splitlines()[1:]]
+    classify = pipeline("text-classification", model=str(out), device="cpu")
+    predicted = [p["label"] for p in classify([text for _, text in rows])]
+    assert round(accuracy * len(rows)) == sum(p == label for p, (label, _) in zip(predicted, rows))
+    assert accuracy > 0.8 and set(predicted) == {"neg", "pos"}  # it learned the words' sentiment
