@@ -63,20 +63,21 @@ def _best(run_dir: Path, root: Path) -> Path:
     return found[0]
 
 
-def load_model_weights(strategy: str, ckpt: Path, model: torch.nn.Module) -> None:
-    """Load a checkpoint's (possibly sharded) weights into a plain, unwrapped model on CPU."""
+def load_model_weights(strategy: str, ckpt: Path, model: torch.nn.Module, partial: bool = False) -> None:
+    """Load a checkpoint's (possibly sharded) weights into a plain, unwrapped model on CPU
+    (``partial``: a LoRA checkpoint, which holds the trainable parameters alone)."""
     if strategy in ("single", "ddp"):
         from bigtrain.strategies.single import load_model_file
 
-        load_model_file(model, ckpt)
+        load_model_file(model, ckpt, partial=partial)
     elif strategy == "fsdp":
         from bigtrain.strategies.fsdp import load_consolidated
 
-        load_consolidated(model, ckpt)
+        load_consolidated(model, ckpt, partial)
     elif strategy == "deepspeed":
         from bigtrain.strategies.deepspeed import load_consolidated
 
-        load_consolidated(model, ckpt)
+        load_consolidated(model, ckpt, partial)
     else:
         raise CheckpointError(f"{ckpt}: unknown strategy '{strategy}' in manifest")
 
@@ -120,6 +121,26 @@ def build_empty_model(cfg, ckpt: Path, run_dir: Path, vocab_size: int | None) ->
     return build_causal_lm(cfg.model.model_copy(update={"pretrained": None}), vocab_size, cfg.train.seq_len)
 
 
+def build_lora_model(cfg, ckpt: Path, run_dir: Path) -> torch.nn.Module:
+    """A LoRA run's model: its base from ``model.pretrained`` (the checkpoint holds the adapters
+    alone), shaped by the run's ``hf_config.json`` (a classifier's labels), with fresh adapters."""
+    import transformers
+
+    from bigtrain.models.gpt import load_pretrained
+    from bigtrain.models.lora import apply_lora
+
+    if not (Path(cfg.model.pretrained) / "config.json").is_file():
+        raise CheckpointError(f"{ckpt}: a LoRA checkpoint holds the adapters alone; its base model "
+                              f"(model.pretrained: {cfg.model.pretrained}) is no longer there")
+    auto = getattr(transformers, task_class(cfg.task).auto_class)
+    config_file = next((p for p in (ckpt / HF_CONFIG, run_dir / HF_CONFIG) if p.is_file()), None)
+    kwargs = {}
+    if config_file is not None:
+        kwargs = {"config": transformers.AutoConfig.for_model(**json.loads(config_file.read_text())),
+                  "ignore_mismatched_sizes": True}
+    return apply_lora(load_pretrained(auto, cfg.model.pretrained, **kwargs), cfg.model.lora, cfg.task)
+
+
 def check_inputs(model: torch.nn.Module, cfg, tokenizer: AnyTokenizer | None, sample: str) -> dict:
     """Inputs to compare the exported model's outputs with the checkpoint's."""
     if not cfg.text_task:  # a ResNet takes any image size
@@ -129,7 +150,10 @@ def check_inputs(model: torch.nn.Module, cfg, tokenizer: AnyTokenizer | None, sa
 
 
 def export_hf(run_dir: Path, out: Path, step: int | None = None, force: bool = False,
-              log=print, best: bool = False) -> Path:
+              log=print, best: bool = False, adapter: bool = False) -> Path:
+    """Write the checkpoint as a Hugging Face directory and check that it reloads with the same
+    logits. LoRA runs: the adapters merged into the base (default), or with ``adapter`` a peft
+    adapter directory (``PeftModel.from_pretrained(base, OUT)``)."""
     import transformers
     from transformers.utils import logging as hf_logging
 
@@ -150,16 +174,27 @@ def export_hf(run_dir: Path, out: Path, step: int | None = None, force: bool = F
     if out.exists() and any(out.iterdir()) and not force:
         raise CheckpointError(f"{out}: exists and is not empty (pass --force to replace it)")
 
+    if adapter and cfg.model.lora is None:
+        raise CheckpointError(f"{ckpt}: --adapter exports LoRA adapters; this run trained every weight (no model.lora)")
     torch.manual_seed(0)
-    model = build_empty_model(cfg, ckpt, run_dir, tokenizer.vocab_size if tokenizer else None)
-    load_model_weights(manifest["strategy"], ckpt, model)
+    if cfg.model.lora is not None:
+        model = build_lora_model(cfg, ckpt, run_dir)
+        load_model_weights(manifest["strategy"], ckpt, model, partial=True)
+    else:
+        model = build_empty_model(cfg, ckpt, run_dir, tokenizer.vocab_size if tokenizer else None)
+        load_model_weights(manifest["strategy"], ckpt, model)
     model.eval()
+    sample = "First Citizen:\nBefore we proceed any further, hear me speak.\n\tcafé"
+    inputs = check_inputs(model, cfg, tokenizer, sample)
+    with torch.no_grad():
+        reference = model(**inputs).logits  # the training model's (with its adapters, unmerged)
+    if cfg.model.lora is not None and not adapter:
+        model = model.merge_and_unload()
 
     tmp = out.parent / f".{out.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     model.save_pretrained(tmp, safe_serialization=True)
-    sample = "First Citizen:\nBefore we proceed any further, hear me speak.\n\tcafé"
     if isinstance(tokenizer, HFTokenizer):
         tokenizer.save_files(tmp)
     elif tokenizer is not None:
@@ -176,12 +211,19 @@ def export_hf(run_dir: Path, out: Path, step: int | None = None, force: bool = F
 
     # Check: the exported directory gives the checkpoint's outputs.
     auto_class = task_class(cfg.task).auto_class
-    reloaded = getattr(transformers, auto_class).from_pretrained(out, local_files_only=True).eval()
-    inputs = check_inputs(model, cfg, tokenizer, sample)
+    if adapter:
+        from peft import PeftModel
+
+        base = build_lora_model(cfg, ckpt, run_dir).get_base_model()  # the adapters come from OUT
+        reloaded = PeftModel.from_pretrained(base, out).eval()
+        how = f"PeftModel.from_pretrained({auto_class}.from_pretrained({cfg.model.pretrained}), OUT)"
+    else:
+        reloaded = getattr(transformers, auto_class).from_pretrained(out, local_files_only=True).eval()
+        how = auto_class + (" (LoRA adapters merged)" if cfg.model.lora is not None else "")
     with torch.no_grad():
-        diff = (reloaded(**inputs).logits - model(**inputs).logits).abs().max().item()
+        diff = (reloaded(**inputs).logits - reference).abs().max().item()
     log(f"exported {ckpt} ({cfg.task}, {manifest['strategy']}, {manifest['world_size']} ranks) -> {out}; "
-        f"reload with {auto_class}; max |logit difference| after reload: {diff:.2e}")
+        f"reload with {how}; max |logit difference| after reload: {diff:.2e}")
     if diff > 1e-4:
         raise CheckpointError(f"{out}: reloaded model's logits differ from the checkpoint's by {diff:.2e}")
     return out
@@ -196,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", dest="out_opt", type=Path)
     parser.add_argument("--force", action="store_true", help="replace a non-empty output directory")
     parser.add_argument("--best", action="store_true", help="the best checkpoint (checkpoint.keep_best's metric)")
+    parser.add_argument("--adapter", action="store_true", help="LoRA runs: the adapters alone (peft), not merged")
     args = parser.parse_intermixed_args(argv)
     out = args.out or args.out_opt
     if out is None:
@@ -203,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.best and args.step is not None:
         parser.error("--best and --step choose a checkpoint each: give one")
     try:
-        export_hf(args.run_dir, out, args.step, args.force, best=args.best)
+        export_hf(args.run_dir, out, args.step, args.force, best=args.best, adapter=args.adapter)
     except CheckpointError as err:
         print(f"error: {err}", file=sys.stderr)
         return BAD_INPUT

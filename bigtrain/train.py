@@ -34,6 +34,7 @@ from bigtrain.data.stream import StatefulLoader
 from bigtrain.exit_codes import BAD_INPUT, FAILED, INTERRUPTED, OK
 from bigtrain.heartbeat import Heartbeat
 from bigtrain.interrupts import StopRequests
+from bigtrain.models.lora import apply_lora
 from bigtrain.optim import lr_at
 from bigtrain.perf import cpu_low_precision_slowdown, peak_flops
 from bigtrain.strategies import build_strategy
@@ -158,6 +159,8 @@ class Trainer:
             (self.run_dir / "config.yaml").write_text(cfg.to_yaml())
         seed_everything(cfg.seed)
         model = task.build_model()
+        if cfg.model.lora is not None:
+            model = apply_lora(model, cfg.model.lora, cfg.task)
         run_files = task.save_run_files(self.run_dir, model)
         dist.barrier()
         self.heartbeat = Heartbeat(self.run_dir, info.rank, info.world_size, cfg.train.collective_timeout_s,
@@ -165,6 +168,7 @@ class Trainer:
         on_close(self.heartbeat.close)
         flops_per_sample = task.flops_per_sample(model)
         n_params = sum(p.numel() for p in model.parameters())
+        n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         self.strategy = build_strategy(cfg, info, task.objective)
         on_close(self.strategy.close)
         self.strategy.setup(model)
@@ -183,7 +187,8 @@ class Trainer:
 
         self.tracker = Tracker(cfg, self.run_dir, info.is_main, self.start_step)
         on_close(self.tracker.close)
-        self.tracker.log(f"run {cfg.run.name}: {cfg.task}, {n_params / 1e6:.2f}M params, strategy "
+        trains = f" ({n_trainable / 1e6:.3f}M trainable: LoRA r={cfg.model.lora.r})" if cfg.model.lora else ""
+        self.tracker.log(f"run {cfg.run.name}: {cfg.task}, {n_params / 1e6:.2f}M params{trains}, strategy "
                          f"{self.strategy.name} x {info.world_size} ({info.device.type}/{info.backend}), "
                          f"{self.strategy.details()}, precision {cfg.precision}, run dir {self.run_dir}")
         slowdown = cpu_low_precision_slowdown(info.device, cfg.precision) if info.is_main else 1.0  # rank 0 logs

@@ -189,6 +189,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         cmd.append("--force")
     if args.best:
         cmd.append("--best")
+    if args.adapter:
+        cmd.append("--adapter")
     sys.stdout.flush()
     os.execv(cmd[0], cmd)
     return 0  # not reached
@@ -271,6 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest valid one)")
     p.add_argument("--force", action="store_true", help="replace a non-empty output directory")
     p.add_argument("--best", action="store_true", help="the best checkpoint by checkpoint.keep_best's metric")
+    p.add_argument("--adapter", action="store_true", help="LoRA runs: write the adapters (peft), not a merged model")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("config", help="print the resolved config, or explain a config key")

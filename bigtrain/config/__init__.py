@@ -32,6 +32,7 @@ from bigtrain.config.sections import (
     DataSourceSection,
     DeepSpeedSection,
     FSDPSection,
+    LoraSection,
     ModelSection,
     OptimSection,
     RunSection,
@@ -45,8 +46,8 @@ from bigtrain.config.sections import (
 
 __all__ = [
     "PACKED_TEXT_TASKS", "TASK_MODELS", "CheckpointSection", "ConfigError", "DataSection", "DataSourceSection",
-    "DeepSpeedSection", "FSDPSection", "ModelSection", "OptimSection", "ResourcesSection", "RunConfig", "RunSection",
-    "ScheduleSection", "StrategySection", "TokenizerSection", "TrackingSection", "TrainSection", "WandbSection",
-    "apply_overrides", "deep_merge", "load_config", "load_yaml_tree", "parse_override", "slurm_time_seconds",
-    "validate",
+    "DeepSpeedSection", "FSDPSection", "LoraSection", "ModelSection", "OptimSection", "ResourcesSection", "RunConfig",
+    "RunSection", "ScheduleSection", "StrategySection", "TokenizerSection", "TrackingSection", "TrainSection",
+    "WandbSection", "apply_overrides", "deep_merge", "load_config", "load_yaml_tree", "parse_override",
+    "slurm_time_seconds", "validate",
 ]

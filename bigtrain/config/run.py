@@ -101,6 +101,8 @@ class RunConfig(_Section):
         if best is not None and best.metric not in TASK_METRICS[self.task]:
             raise ValueError(f"checkpoint.keep_best.metric: task '{self.task}' reports "
                              f"{' and '.join(TASK_METRICS[self.task])}, not '{best.metric}'")
+        if self.model.lora is not None and not self.model.pretrained:
+            raise ValueError("model.lora: adapts a pretrained model; set model.pretrained (a Hugging Face directory)")
         if self.model.name == "resnet" and self.strategy.activation_checkpointing:
             raise ValueError("strategy.activation_checkpointing: not supported for resnet (recomputing a "
                              "block would update its BatchNorm statistics twice)")

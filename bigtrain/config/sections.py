@@ -23,6 +23,21 @@ class RunSection(_Section):
     """Where checkpoints, logs and metrics go; default: runs/<name>."""
 
 
+class LoraSection(_Section):
+    """Low-rank adapters (LoRA, through peft) on a pretrained model: only they (and a new task head)
+    train; checkpoints hold them alone, and export merges them or writes the adapter."""
+
+    r: int = Field(8, ge=1)
+    """The adapters' rank."""
+    alpha: float = Field(16.0, gt=0)
+    """LoRA's scaling numerator (the update is scaled by alpha / r)."""
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    """Dropout on the adapters' input."""
+    target_modules: list[str] | None = None
+    """Names (suffixes) of the linear layers that get adapters; default: peft's choice for the architecture
+    (gpt2: c_attn; llama: q_proj, v_proj; bert: query, value)."""
+
+
 class ModelSection(_Section):
     """The model's architecture, or a pretrained checkpoint to start from."""
 
@@ -56,6 +71,8 @@ class ModelSection(_Section):
     """ResNet only: residual blocks per stage (as many entries as model.widths)."""
     layer_type: Literal["basic", "bottleneck"] = "basic"
     """ResNet only: the residual block type."""
+    lora: LoraSection | None = None
+    """Train low-rank adapters instead of every weight (needs model.pretrained), e.g. {r: 8, alpha: 16}."""
 
     @model_validator(mode="after")
     def _heads_divide(self) -> ModelSection:

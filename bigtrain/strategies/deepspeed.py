@@ -147,7 +147,9 @@ class DeepSpeedStrategy(Strategy):
 
     # -- checkpoints: DeepSpeed native -----------------------------------------------------
     def save(self, directory: Path) -> None:
-        self.engine.save_checkpoint(str(directory / DS_DIR), tag=TAG, save_latest=False)
+        # LoRA: the trainable parameters alone (the rest is model.pretrained)
+        self.engine.save_checkpoint(str(directory / DS_DIR), tag=TAG, save_latest=False,
+                                    exclude_frozen_parameters=bool(self.cfg.model.lora))
         fault_point("checkpoint-engine-write")
 
     def load(self, directory: Path) -> None:
@@ -160,7 +162,8 @@ class DeepSpeedStrategy(Strategy):
         # would put weight decay on biases and norms: keep the configured ones.
         hyper = [{k: v for k, v in g.items() if k != "params"} for g in self.engine.optimizer.param_groups]
         path, _ = self.engine.load_checkpoint(str(source), tag=TAG, load_optimizer_states=True,
-                                              load_lr_scheduler_states=False)
+                                              load_lr_scheduler_states=False,
+                                              load_module_strict=not self.cfg.model.lora)
         for group, saved in zip(self.engine.optimizer.param_groups, hyper):
             group.update(saved)
         _unshare_steps(getattr(self.engine.optimizer, "optimizer", self.engine.optimizer))
@@ -253,9 +256,11 @@ def _unshare_steps(optimizer: torch.optim.Optimizer) -> None:
             seen.add(id(step))
 
 
-def load_consolidated(model: nn.Module, directory: Path) -> None:
-    """Load a DeepSpeed checkpoint's fp32 weights (all ZeRO partitions merged) into a plain model."""
+def load_consolidated(model: nn.Module, directory: Path, partial: bool = False) -> None:
+    """Load a DeepSpeed checkpoint's fp32 weights (all ZeRO partitions merged) into a plain model
+    (``partial``: a LoRA checkpoint, which holds the trainable parameters alone)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    state = get_fp32_state_dict_from_zero_checkpoint(str(Path(directory) / DS_DIR), tag=TAG)
-    load_full_state(model, state, f"{directory}: DeepSpeed weights")
+    state = get_fp32_state_dict_from_zero_checkpoint(str(Path(directory) / DS_DIR), tag=TAG,
+                                                     exclude_frozen_parameters=partial)
+    load_full_state(model, state, f"{directory}: DeepSpeed weights", partial)

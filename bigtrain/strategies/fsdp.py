@@ -29,6 +29,7 @@ from bigtrain import dist
 from bigtrain.checkpoint import fault_point
 from bigtrain.dist import LOW_PRECISION
 from bigtrain.models import batch_norms, repeated_blocks
+from bigtrain.models.lora import trainable_names
 from bigtrain.optim import adamw_kwargs, param_groups
 from bigtrain.strategies import memory
 from bigtrain.strategies.base import (
@@ -127,8 +128,12 @@ class FSDPStrategy(Strategy):
         return grad_norm
 
     # -- checkpoints: sharded, through DCP ---------------------------------------------------
+    def _options(self) -> StateDictOptions | None:
+        """LoRA: checkpoints hold the trainable parameters alone (the rest is model.pretrained)."""
+        return StateDictOptions(ignore_frozen_params=True, strict=False) if self.cfg.model.lora else None
+
     def _state(self) -> dict:
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=self._options())
         state = {"model": model_sd, "optim": optim_sd}
         if self.scaler:
             state["scaler"] = self.scaler.state_dict()
@@ -148,7 +153,8 @@ class FSDPStrategy(Strategy):
         state = self._state()
         # reshards if the world size changed
         dcp.load(state, checkpoint_id=str(directory / DCP_DIR), process_group=dist.checkpoint_group())
-        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                       options=self._options())
         if self.scaler and "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
 
@@ -169,8 +175,10 @@ class FSDPStrategy(Strategy):
         return report
 
 
-def load_consolidated(model: nn.Module, directory: Path) -> None:
-    """Load a DCP checkpoint's model weights into a plain model, without a process group."""
-    state = {"model": model.state_dict()}
+def load_consolidated(model: nn.Module, directory: Path, partial: bool = False) -> None:
+    """Load a DCP checkpoint's model weights into a plain model, without a process group
+    (``partial``: a LoRA checkpoint, which holds the trainable parameters alone)."""
+    keep = trainable_names(model) if partial else None
+    state = {"model": {k: v for k, v in model.state_dict().items() if keep is None or k in keep}}
     dcp.load(state, checkpoint_id=str(Path(directory) / DCP_DIR), no_dist=True)
-    model.load_state_dict(state["model"])
+    model.load_state_dict(state["model"], strict=not partial)

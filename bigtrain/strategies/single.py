@@ -10,6 +10,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from bigtrain.checkpoint import fault_point
+from bigtrain.models.lora import trainable_names
 from bigtrain.optim import build_adamw
 from bigtrain.strategies import memory
 from bigtrain.strategies.base import (
@@ -60,7 +61,9 @@ class SingleStrategy(Strategy):
         def detach(t):
             return t.detach().to("cpu", copy=True) if copy else t.detach().cpu()
 
-        model = _untie({k: detach(v).contiguous() for k, v in self.raw_model.state_dict().items()})
+        keep = trainable_names(self.raw_model) if self.cfg.model.lora else None  # LoRA: the adapters alone
+        model = _untie({k: detach(v).contiguous() for k, v in self.raw_model.state_dict().items()
+                        if keep is None or k in keep})
         optim = self.optimizer.state_dict()
         if copy:
             optim = {"state": {i: {k: detach(v) if torch.is_tensor(v) else v for k, v in st.items()}
@@ -90,7 +93,7 @@ class SingleStrategy(Strategy):
             self._writer = None
 
     def load(self, directory: Path) -> None:
-        load_model_file(self.raw_model, directory, self.device)
+        load_model_file(self.raw_model, directory, self.device, partial=bool(self.cfg.model.lora))
         blob = torch.load(directory / "optimizer.pt", map_location=self.device, weights_only=True)
         self.optimizer.load_state_dict(blob["optimizer"])
         self.scaler.load_state_dict(blob["scaler"])
@@ -105,16 +108,20 @@ class SingleStrategy(Strategy):
         return memory.report(self.raw_model, self.optimizer, self.device)
 
 
-def load_model_file(model: nn.Module, directory: Path, device: torch.device | str = "cpu") -> None:
+def load_model_file(model: nn.Module, directory: Path, device: torch.device | str = "cpu",
+                    partial: bool = False) -> None:
     """Load ``directory/model.safetensors`` (full, unsharded weights) into ``model``."""
     load_full_state(model, load_file(str(directory / "model.safetensors"), device=str(device)),
-                    f"{directory}/model.safetensors")
+                    f"{directory}/model.safetensors", partial)
 
 
-def load_full_state(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
-    """Load full (unsharded) weights; tied weights may be absent. ValueError naming ``where``
-    if the keys do not match the model."""
+def load_full_state(model: nn.Module, state: dict[str, torch.Tensor], where: str, partial: bool = False) -> None:
+    """Load full (unsharded) weights; tied weights may be absent, and with ``partial`` (LoRA
+    checkpoints: the trainable parameters alone) every frozen one. ValueError naming ``where`` if
+    the keys do not match the model."""
     missing, unexpected = model.load_state_dict(state, strict=False)
+    if partial:  # what must be there: the parameters that train
+        missing = [k for k in missing if k in trainable_names(model)]
     missing = [k for k in missing if not _is_tied(model, k)]
     if missing or unexpected:
         raise ValueError(f"{where} does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
