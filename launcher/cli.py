@@ -8,6 +8,7 @@
     bigtrain submit CONFIG [key=value ...] [--sweep KEY=[...] ...] [--follow] [--dry-run]   (SLURM)
     bigtrain status|logs|cancel RUN_DIR
     bigtrain sweep-report RUN_DIR [--json]
+    bigtrain report RUN_DIR [RUN_DIR ...] [--out DIR]   (PNG plots and report.md; a sweep: its leaderboard)
     bigtrain config [CONFIG] [key=value ...]         (the resolved config as YAML)
     bigtrain config --explain [KEY]                  (a key's type, default, range and description)
 """
@@ -158,6 +159,17 @@ def cmd_sweep_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from launcher.report import ReportError, write_report
+
+    try:
+        out, files = write_report([Path(d) for d in args.run_dirs], Path(args.out) if args.out else None)
+    except ReportError as err:
+        return _fail(str(err))
+    print(f"report: {out / 'report.md'} ({len(files) - 2} plot(s): {', '.join(files[1:-1])})")
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     """Print the resolved config (defaults and overrides without CONFIG), or explain a key."""
     if args.explain is not None:
@@ -289,6 +301,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--sort-by", default="val_loss", help="column to sort by (default: val_loss)")
     p.set_defaults(func=cmd_sweep_report)
+
+    p = sub.add_parser("report", help="PNG plots and a Markdown summary of runs, overlaid (a sweep: its leaderboard)")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories, or a sweep's run directory")
+    p.add_argument("--out", default=None, help="output directory (default: RUN_DIR/report; needed with several)")
+    p.set_defaults(func=cmd_report)
     return parser
 
 

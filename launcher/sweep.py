@@ -162,7 +162,7 @@ def array_tasks(config: str, overrides: list[str], plan: Plan, run_dir: Path, sw
 # ---------------------------------------------------------------------------------------------
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
     out = []
     if path.is_file():
         for line in path.read_text().splitlines():
@@ -182,8 +182,8 @@ def report_rows(root: Path) -> tuple[list[str], list[dict[str, Any]]]:
     rows = []
     for task in sweep["tasks"]:
         run_dir = Path(task["run_dir"])
-        metrics = _read_jsonl(run_dir / "metrics.jsonl")
-        evals = _read_jsonl(run_dir / "eval.jsonl")
+        metrics = read_jsonl(run_dir / "metrics.jsonl")
+        evals = read_jsonl(run_dir / "eval.jsonl")
         last = metrics[-1] if metrics else {}
         last_eval = evals[-1] if evals else {}
         rows.append({

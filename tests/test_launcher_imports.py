@@ -8,7 +8,7 @@ from conftest import ROOT
 
 def test_launcher_and_config_and_data_prep_do_not_import_torch():
     code = (
-        "import sys, launcher.cli, bigtrain.config, bigtrain.data.prepare\n"
+        "import sys, launcher.cli, launcher.report, bigtrain.config, bigtrain.data.prepare\n"
         "launcher.cli.build_parser()\n"
         "bigtrain.config.load_config('configs/gpt-tiny.yaml')\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n"

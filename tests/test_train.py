@@ -1,6 +1,8 @@
 """Single-process training on real text, as a user runs it (the CLI, in a subprocess)."""
 
 import json
+import socket
+import time
 
 import pytest
 import torch
@@ -109,3 +111,110 @@ def test_wandb_offline_logs_metrics_and_a_resumed_run_continues_the_same_wandb_r
         assert b"train/loss" in records and b"train/tokens_per_s" in records and b"eval/val_loss" in records
         assert b"bt-test" in records
     assert [m["step"] for m in read_jsonl(run_dir / "metrics.jsonl")] == [1, 2, 3, 4]
+
+
+def unused_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_unreachable_names_a_closed_port_and_passes_a_listening_one():
+    from bigtrain.tracking.wandb_run import unreachable
+
+    port = unused_port()
+    why = unreachable(f"http://127.0.0.1:{port}")
+    assert why and f"127.0.0.1:{port}" in why
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        assert unreachable(f"https://127.0.0.1:{server.getsockname()[1]}") is None
+    assert unreachable("https://api.example.invalid", timeout=0.2)  # no such host: no wait past the timeout
+
+
+def test_a_failing_wandb_log_is_reported_once_and_wandb_is_dropped(tmp_path, monkeypatch):
+    """A real offline W&B run, finished behind our back: the next log raises inside W&B; we say
+    so once, stop calling W&B, and close cleanly."""
+    from bigtrain.config import WandbSection
+    from bigtrain.tracking.wandb_run import WandbRun
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    lines = []
+    run = WandbRun(WandbSection(mode="offline", project="bt-test"), "n", tmp_path, {"a": 1}, log=lines.append)
+    run.log({"train/loss": 1.0}, 1)
+    run.run.finish()
+    run.log({"train/loss": 0.9}, 2)
+    run.log({"train/loss": 0.8}, 3)
+    run.close()
+    assert len(lines) == 1 and lines[0].startswith("warning: W&B log failed at step 2 ("), lines
+    assert "training goes on" in lines[0] and run.run is None
+
+
+def test_wandb_online_with_the_server_unreachable_falls_back_to_offline_and_the_run_finishes(
+        tmp_path, cache_dir, tiny_text):
+    """A real W&B client, a real dead server (nothing listens on the port): the run logs W&B
+    offline, says so and how to sync, and starts about as fast as a run without W&B."""
+    args = ["train.max_steps=8", "train.eval_every=4", "train.sample_tokens=0", "checkpoint.save_final=false"]
+    start = time.perf_counter()
+    proc = run_cli(*train_args(tmp_path / "plain", cache_dir, tiny_text, *args))
+    plain_s = time.perf_counter() - start
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+
+    run_dir = tmp_path / "run"
+    env = {"WANDB_MODE": "online", "WANDB_API_KEY": "0123456789abcdef" * 2 + "01234567",
+           "WANDB_BASE_URL": f"http://127.0.0.1:{unused_port()}", "WANDB_CONFIG_DIR": str(tmp_path / "wandb-config")}
+    start = time.perf_counter()
+    proc = run_cli(*train_args(run_dir, cache_dir, tiny_text, *args, "tracking.wandb.mode=online",
+                               "tracking.wandb.project=bt-test"), env=env)
+    online_s = time.perf_counter() - start
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    print(f"wall: online (fallback) {online_s:.1f} s, disabled {plain_s:.1f} s")
+    assert online_s - plain_s < 15, (online_s, plain_s)
+    fallback = [line for line in proc.stdout.splitlines() if "is unreachable" in line]
+    assert fallback == [f"warning: W&B server {env['WANDB_BASE_URL']} is unreachable (127.0.0.1:"
+                        f"{env['WANDB_BASE_URL'].rsplit(':', 1)[1]}: Connection refused): logging W&B offline; "
+                        f"sync it later with `wandb sync {run_dir / 'wandb'}/offline-run-*`"], proc.stdout[-3000:]
+    run_id = (run_dir / "wandb_id.txt").read_text()
+    [offline] = (run_dir / "wandb").glob("offline-run-*")
+    records = (offline / f"run-{run_id}.wandb").read_bytes()
+    assert b"train/loss" in records and b"eval/val_loss" in records and b"bt-test" in records
+    assert [m["step"] for m in read_jsonl(run_dir / "metrics.jsonl")] == list(range(1, 9))
+
+
+@pytest.mark.slow
+def test_wandb_online_with_a_failing_server_falls_back_to_offline_after_init_timeout(tmp_path, cache_dir, tiny_text):
+    """The server takes connections but answers every request with HTTP 500: wandb.init fails
+    after WANDB_INIT_TIMEOUT, and the run logs W&B offline under the same run id instead."""
+    import http.server
+    import threading
+
+    class Failing(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(500)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_POST = do_GET
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Failing)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    run_dir = tmp_path / "run"
+    env = {"WANDB_MODE": "online", "WANDB_API_KEY": "0123456789abcdef" * 2 + "01234567", "WANDB_INIT_TIMEOUT": "5",
+           "WANDB_BASE_URL": f"http://127.0.0.1:{server.server_address[1]}",
+           "WANDB_CONFIG_DIR": str(tmp_path / "wandb-config")}
+    try:
+        proc = run_cli(*train_args(run_dir, cache_dir, tiny_text, "train.max_steps=2", "train.sample_tokens=0",
+                                   "checkpoint.save_final=false", "tracking.wandb.mode=online"), env=env)
+    finally:
+        server.shutdown()
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    warnings = [line for line in proc.stdout.splitlines() if line.startswith("warning: W&B")]
+    assert len(warnings) == 1 and warnings[0].startswith("warning: W&B online failed ("), proc.stdout[-3000:]
+    sync = f"wandb sync {run_dir / 'wandb'}/offline-run-*"
+    assert warnings[0].endswith(f"logging W&B offline; sync it later with `{sync}`"), warnings
+    run_id = (run_dir / "wandb_id.txt").read_text()
+    [offline] = (run_dir / "wandb").glob("offline-run-*")
+    assert b"train/loss" in (offline / f"run-{run_id}.wandb").read_bytes()

@@ -26,7 +26,7 @@ class Tracker:
         if cfg.tracking.wandb.mode != "disabled":
             from bigtrain.tracking.wandb_run import WandbRun
 
-            self.wandb = WandbRun(cfg.tracking.wandb, cfg.run.name, run_dir, cfg.to_dict())
+            self.wandb = WandbRun(cfg.tracking.wandb, cfg.run.name, run_dir, cfg.to_dict(), log=self.log)
 
     def log(self, text: str) -> None:
         if self.console is not None:
