@@ -4,7 +4,8 @@ Memory budget: a GPU's memory as CUDA reports it (``total_memory``), of which ``
 may be allocated; the rest is the CUDA context, cuBLAS/NCCL workspaces and allocator
 fragmentation, none of which ``max_memory_allocated`` (what the estimate models) counts. On the
 CPU the budget is the host's memory (``resources.mem`` when set, else this machine's), shared by
-the ranks on a node, and offloaded states count against it too. What GPU ranks offload must fit
+the ranks on a node, and offloaded states and each rank's process (``CPU_RANK_BYTES``) count
+against it too. What GPU ranks offload must fit
 in ``HOST_USABLE`` of the node's memory (``resources.mem``, else ``GPU_NODE_MEMORY``: a DGX
 A100's 1 TiB for 8 GPUs) shared by the node's ranks.
 
@@ -37,6 +38,7 @@ GIB = 2**30
 USABLE = 0.92
 HOST_USABLE = 0.8  # of a node's memory, for offloaded states (the OS, data loaders, pinned buffers)
 GPU_NODE_MEMORY = 2**40  # per 8 GPUs, when resources.mem does not say
+CPU_RANK_BYTES = 0.6e9  # a CPU rank's interpreter, torch (and DeepSpeed): 450-600 MB RSS with the tiny test model
 ASSUMED_MFU = 0.40
 LAYER_OVERHEAD_S = 3e-4  # kernel launches etc. per layer per micro-batch (forward + backward), assumed
 PCIE_BYTES_S = 25e9  # host <-> device, per GPU
@@ -192,8 +194,8 @@ class Fit:
 
     @property
     def need(self) -> float:
-        """Bytes per rank counted against the budget (on the CPU: offloaded states too)."""
-        return self.estimate.peak + (self.estimate.host if self.device.is_cpu else 0.0)
+        """Bytes per rank counted against the budget (on the CPU: offloaded states and the process too)."""
+        return self.estimate.peak + (self.estimate.host + CPU_RANK_BYTES if self.device.is_cpu else 0.0)
 
     @property
     def budget(self) -> float:
