@@ -14,6 +14,8 @@ when deepspeed imports) and the ZeRO paper's 16 bytes per parameter.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import sys
 from dataclasses import replace
@@ -56,8 +58,9 @@ def cells() -> list[dict]:
 def deepspeed_estimates(shape: Shape, gpus: int, nodes: int) -> dict[str, float] | None:
     """DeepSpeed's published estimators (model states per GPU, no offload), if deepspeed imports."""
     try:
-        from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
-        from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+        with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed logs its accelerator choice to stdout
+            from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+            from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
     except Exception:  # noqa: BLE001 - any import failure: leave the column out
         return None
     per_node = gpus // nodes

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import shlex
+import subprocess
+import sys
 import typing
 
 import pytest
@@ -305,3 +307,10 @@ def test_models_the_planner_does_not_know_are_not_checked():
     proc = run_cli("train", str(ROOT / "configs" / "resnet-tiny.yaml"), "--gpu-type", "h100", "--dry-run")
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr.startswith("plan: not checked (model.name 'resnet'")
+
+
+def test_the_readme_table_is_what_the_script_prints():
+    proc = subprocess.run([sys.executable, "benchmarks/plan_table.py", "--markdown"], capture_output=True, text=True,
+                          cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() in (ROOT / "README.md").read_text(), "README table is stale: rerun the script"
