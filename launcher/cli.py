@@ -11,6 +11,10 @@
     bigtrain report RUN_DIR [RUN_DIR ...] [--out DIR]   (PNG plots and report.md; a sweep: its leaderboard)
     bigtrain config [CONFIG] [key=value ...]         (the resolved config as YAML)
     bigtrain config --explain [KEY]                  (a key's type, default, range and description)
+    bigtrain plan CONFIG [key=value ...] [--gpus N] [--nodes M] [--gpu-type T] [--run RUN_DIR]   (memory, time)
+
+train, launch and submit take --gpu-type T (default: resources.gpu_type) and then check that the
+plan fits before starting (--force: start anyway).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from pathlib import Path
 from bigtrain.config import ConfigError, RunConfig, load_config
 from bigtrain.data.errors import DataError
 from bigtrain.exit_codes import BAD_INPUT as EXIT_BAD_INPUT
+from launcher.plan import add_fit_options, add_plan_parser, check_fits
 from launcher.resources import check_data_path, check_pretrained
 
 
@@ -49,6 +54,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if cfg.strategy.name == "single" and nproc > 1:
         raise ConfigError(f"strategy.name: 'single' runs one process, but --nproc is {nproc} (use ddp, fsdp or "
                           f"deepspeed)")
+    check_fits(cfg, world=nproc, nodes=1, gpu_type=args.gpu_type, force=args.force, launcher="train")
     cmd = training_command(args.config, args.overrides, nproc)
     env = dict(os.environ)
     if nproc > 1 and "OMP_NUM_THREADS" not in env:
@@ -107,7 +113,8 @@ def cmd_launch(args: argparse.Namespace) -> int:
 
     return launch(args.config, args.overrides, nnodes=args.nnodes, nproc_per_node=args.nproc_per_node,
                   node_rank=args.node_rank, rdzv_endpoint=args.rdzv_endpoint, rdzv_id=args.rdzv_id,
-                  max_restarts=args.max_restarts, hostfile=args.hostfile, dry_run=args.dry_run)
+                  max_restarts=args.max_restarts, hostfile=args.hostfile, dry_run=args.dry_run,
+                  gpu_type=args.gpu_type, force=args.force)
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -115,7 +122,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
     return submit(args.config, args.overrides, template=args.template, dry_run=args.dry_run,
                   follow_log=args.follow, sweeps=args.sweep, sweep_mode=args.sweep_mode, trials=args.trials,
-                  sweep_seed=args.sweep_seed, array_parallel=args.parallel, parsable=args.parsable)
+                  sweep_seed=args.sweep_seed, array_parallel=args.parallel, parsable=args.parsable,
+                  gpu_type=args.gpu_type, force=args.force)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -217,6 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=3e-4")
     p.add_argument("--nproc", type=int, default=None, help="local ranks (default: resources.procs_per_node)")
     p.add_argument("--dry-run", action="store_true", help="print the command and exit")
+    add_fit_options(p)
     p.set_defaults(func=cmd_train)
 
     data = sub.add_parser("data", help="prepare or download training data").add_subparsers(dest="data_command",
@@ -248,6 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="restart failed workers K times (default: resources.max_restarts)")
     p.add_argument("--hostfile", default=None, help="launcher=deepspeed: hostfile (default: generated in the run dir)")
     p.add_argument("--dry-run", action="store_true", help="print the command and exit")
+    add_fit_options(p)
     p.set_defaults(func=cmd_launch)
 
     p = sub.add_parser("submit", help="render an sbatch script into the run dir and submit it to SLURM")
@@ -264,6 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trials", type=int, default=None, help="random mode: how many settings to draw")
     p.add_argument("--sweep-seed", type=int, default=0, help="random mode: seed for the draws")
     p.add_argument("--parallel", type=int, default=None, help="run at most N array tasks at once")
+    add_fit_options(p)
     p.set_defaults(func=cmd_submit)
 
     for name, func, text in (("status", cmd_status, "state of a submitted run (squeue/scontrol/sacct)"),
@@ -306,6 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories, or a sweep's run directory")
     p.add_argument("--out", default=None, help="output directory (default: RUN_DIR/report; needed with several)")
     p.set_defaults(func=cmd_report)
+
+    add_plan_parser(sub)
     return parser
 
 

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from bigtrain.config import ConfigError
+from launcher.plan import check_fits
 from launcher.resources import (
     check_data_path,
     load_run_config,
@@ -34,7 +35,8 @@ from launcher.torchrun import (
 
 def launch(config: str, overrides: list[str], *, nnodes: int | None = None, nproc_per_node: int | None = None,
            node_rank: int = 0, rdzv_endpoint: str | None = None, rdzv_id: str | None = None,
-           max_restarts: int | None = None, hostfile: str | None = None, dry_run: bool = False) -> int:
+           max_restarts: int | None = None, hostfile: str | None = None, dry_run: bool = False,
+           gpu_type: str | None = None, force: bool = False) -> int:
     overrides = normalize_overrides(list(overrides))
     cfg = load_run_config(config, overrides)
     plan = make_plan(cfg, nnodes, nproc_per_node, max_restarts)
@@ -49,6 +51,7 @@ def launch(config: str, overrides: list[str], *, nnodes: int | None = None, npro
         host, port = "127.0.0.1", cfg.resources.rdzv_port or free_port()
     if rdzv_id is not None and (not rdzv_id or any(ch.isspace() for ch in rdzv_id)):
         raise ConfigError(f"--rdzv-id: expected one word (got {rdzv_id!r})")
+    check_fits(cfg, world=plan.world_size, nodes=plan.nodes, gpu_type=gpu_type, force=force, launcher="launch")
     python = sys.executable
     env = {**thread_env(plan), **plan.env}
     notes = []

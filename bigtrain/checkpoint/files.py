@@ -188,3 +188,24 @@ def best_checkpoint(paths: list[Path], metric: str, mode: str) -> tuple[Path, fl
     sign = 1 if mode == "min" else -1
     return min(scored, key=lambda pv: (sign * pv[1], -step_of(pv[0])))
 
+
+def latest_valid(root: Path, level: str = "checksum", log=print) -> Path | None:
+    """Newest checkpoint under ``root`` whose manifest verifies; logs why newer ones were rejected."""
+    for path in list_checkpoints(root):
+        try:
+            verify(path, level)
+            return path
+        except CheckpointError as err:
+            log(f"checkpoint: WARNING skipping {path.name}: {err}")
+    return None
+
+
+def resume_path(root: Path, resume: str, level: str = "checksum", log=print) -> Path | None:
+    """What ``checkpoint.resume`` selects (auto | never | PATH; None: start fresh). Raises
+    CheckpointError for an explicit path that does not verify (no silent fresh start)."""
+    if resume == "never":
+        return None
+    if resume == "auto":
+        return latest_valid(root, level, log)
+    verify(Path(resume), level)
+    return Path(resume)

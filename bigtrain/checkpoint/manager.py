@@ -47,6 +47,7 @@ from bigtrain.checkpoint.files import (
     fsync_tree,
     list_checkpoints,
     model_differences,
+    resume_path,
     rng_state,
     set_rng_state,
     set_saving_step,
@@ -166,33 +167,13 @@ class CheckpointManager:
         """Committed checkpoint directories, newest first."""
         return list_checkpoints(self.root)
 
-    def latest_valid(self) -> Path | None:
-        """Newest checkpoint whose manifest verifies; logs why newer ones were rejected."""
-        for path in self.checkpoints():
-            try:
-                verify(path, self.cfg.verify)
-                return path
-            except CheckpointError as err:
-                self.log(f"checkpoint: WARNING skipping {path.name}: {err}")
-        return None
-
-    def resume_path(self) -> Path | None:
-        """What ``checkpoint.resume`` selects (None: start fresh). Raises for a bad explicit path."""
-        if self.cfg.resume == "never":
-            return None
-        if self.cfg.resume == "auto":
-            return self.latest_valid()
-        path = Path(self.cfg.resume)
-        verify(path, self.cfg.verify)  # an explicit path must be valid: no silent fresh start
-        return path
-
     def agreed_resume_path(self) -> Path | None:
         """Collective: rank 0 chooses (and verifies) the checkpoint to resume from; all ranks
         get the same answer, or the same CheckpointError."""
         choice: tuple[str, Any] = ("ok", None)
         if self.info.is_main:
             try:
-                choice = ("ok", self.resume_path())
+                choice = ("ok", resume_path(self.root, self.cfg.resume, self.cfg.verify, self.log))
             except CheckpointError as err:
                 choice = ("error", str(err))
         status, value = dist.broadcast_object(choice)

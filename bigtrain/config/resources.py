@@ -57,6 +57,9 @@ class ResourcesSection(_Section):
     ask for GPUs); cpu: never use one; auto: CUDA when present, else the CPU (CPU recipes)."""
     gpus_per_node: int | None = Field(None, ge=0)
     """GPUs a SLURM job asks for per node; default: one per rank with accelerator gpu, else 0."""
+    gpu_type: Literal["h100", "h200", "a100-80g", "a100-40g", "cpu"] | None = None
+    """The device the ranks run on, for the memory check before a launch (bigtrain plan): h100, h200,
+    a100-80g, a100-40g, or cpu (the host's memory); null: no check unless --gpu-type is given."""
     mem: str | None = None
     """Memory per node, e.g. "64G"; "0" = all of it."""
     exclusive: bool = False

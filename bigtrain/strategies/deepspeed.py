@@ -231,11 +231,20 @@ class DeepSpeedStrategy(Strategy):
         report["ds_fp32_master_partition_bytes"] = memory.tensor_bytes(masters)
         grads = getattr(opt, "averaged_gradients", None) or {}
         grad_list = [g for v in (grads.values() if isinstance(grads, dict) else grads) for g in (v or [])]
-        report["grad_bytes"] = memory.tensor_bytes(grad_list) or report["ds_fp32_master_partition_bytes"]
+        grad_list += list(getattr(opt, "fp32_groups_gradients_flat", None) or [])  # BF16_Optimizer (stage 0)
+        report["grad_bytes"] = memory.tensor_bytes(grad_list) or self._gradient_bytes(params)
         buckets = self.ds_config["zero_optimization"]["reduce_bucket_size"]
         # from the configured bucket size: DeepSpeed allocates it inside backward
         report["ds_reduce_bucket_bytes_estimate"] = int(buckets) * (2 if self.cfg.precision != "fp32" else 4)
         return report
+
+
+    def _gradient_bytes(self, params: list[nn.Parameter]) -> int:
+        """What backward holds when DeepSpeed's gradient lists are empty (they are released by the
+        step): one gradient per parameter in the parameters' dtype, whole up to ZeRO-1 (reduced at
+        the accumulation boundary), this rank's partition from ZeRO-2."""
+        whole = sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for p in {id(p): p for p in params}.values())
+        return whole if self.engine.zero_optimization_stage() <= 1 else -(-whole // self.info.world_size)
 
 
 def _unshare_steps(optimizer: torch.optim.Optimizer) -> None:

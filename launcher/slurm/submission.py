@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from bigtrain.config import ConfigError
+from launcher.plan import check_fits
 from launcher.resources import (
     check_data_path,
     load_run_config,
@@ -42,7 +43,7 @@ SCRIPT = "job.sbatch"
 def submit(config: str, overrides: list[str], *, template: str | None = None, dry_run: bool = False,
            follow_log: bool = False, sweeps: Sequence[str] = (), sweep_mode: str = "grid",
            trials: int | None = None, sweep_seed: int = 0, array_parallel: int | None = None,
-           parsable: bool = False, out=sys.stdout) -> int:
+           parsable: bool = False, gpu_type: str | None = None, force: bool = False, out=sys.stdout) -> int:
     base = Path.cwd()
     overrides = normalize_overrides(list(overrides))
     cfg = load_run_config(config, overrides)
@@ -55,6 +56,8 @@ def submit(config: str, overrides: list[str], *, template: str | None = None, dr
     keys, tasks = array_tasks(config, overrides, plan, run_dir, sweeps, sweep_mode, trials, sweep_seed)
     if tasks and array_parallel is not None and array_parallel < 1:
         raise ConfigError(f"--parallel must be >= 1 (got {array_parallel})")
+    check_fits(cfg, world=plan.world_size, nodes=plan.nodes, gpu_type=gpu_type, force=force,
+               variants=[(f"sweep task {t['index']}", t["config"]) for t in tasks])
 
     spec = JobSpec(plan=plan, run_dir=run_dir, submit_dir=base,
                    config_path=None if tasks else run_dir / SNAPSHOT,
