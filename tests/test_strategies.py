@@ -107,10 +107,10 @@ def test_activation_checkpointing_recomputes_in_backward_and_saves_less(cache_di
             assert report["saved_bytes"] < 0.5 * plain["saved_bytes"], (engine, report, plain)
 
 
-@pytest.mark.parametrize("engine, compiled", [("fsdp", "compiled 2 blocks"), ("zero3",
-                                                                              "ZeRO-3, optimizer AdamW, compiled")])
-def test_compile_under_sharded_engines(tmp_path, cache_dir, tiny_text, fp32_runs, engine, compiled):
-    """FSDP2 compiles each block before sharding it; DeepSpeed compiles through its engine."""
+@pytest.mark.parametrize("engine, compiled", [("ddp", "optimizer AdamW, compiled"), ("fsdp", "compiled 2 blocks"),
+                                              ("zero3", "ZeRO-3, optimizer AdamW, compiled")])
+def test_compile_under_every_distributed_engine(tmp_path, cache_dir, tiny_text, fp32_runs, engine, compiled):
+    """DDP compiles the wrapped model, FSDP2 each block before sharding it, DeepSpeed through its engine."""
     proc = run_cli(*train_args(tmp_path / "run", cache_dir, tiny_text, "train.max_steps=3", "train.sample_tokens=0",
                                "checkpoint.save_final=false", "train.compile=true", *ENGINES[engine], "--nproc", "2"))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
