@@ -24,7 +24,7 @@ from bigtrain.checkpoint import derived_dir, fault_point
 from bigtrain.config import RunConfig, deep_merge
 from bigtrain.dist import LOW_PRECISION
 from bigtrain.models import batch_norms
-from bigtrain.optim import adamw_kwargs, param_groups
+from bigtrain.optim import build_optimizer, param_groups
 from bigtrain.strategies import memory
 from bigtrain.strategies.base import (
     Strategy,
@@ -98,11 +98,8 @@ class DeepSpeedStrategy(Strategy):
         self.ds_config = deepspeed_config(self.cfg, self.info.world_size, n_params)
         groups = param_groups(model, self.cfg.optim.weight_decay)
         optimizer = None
-        if "optimizer" not in self.ds_config:
-            opt_cfg = self.cfg.optim
-            if opt_cfg.implementation == "auto":
-                opt_cfg = opt_cfg.model_copy(update={"implementation": "foreach"})
-            optimizer = torch.optim.AdamW(groups, **adamw_kwargs(opt_cfg))
+        if "optimizer" not in self.ds_config:  # the client optimizer; ZeRO hands it flat partitions (auto: foreach)
+            optimizer = build_optimizer(groups, self.cfg.optim)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, model_parameters=groups if optimizer is None else None,
             config=self.ds_config, dist_init_required=False)
