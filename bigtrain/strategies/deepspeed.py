@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from bigtrain import dist
-from bigtrain.checkpoint import derived_dir, fault_point
+from bigtrain.checkpoint import CheckpointError, derived_dir, fault_point
 from bigtrain.config import RunConfig, deep_merge
 from bigtrain.dist import LOW_PRECISION
 from bigtrain.models import batch_norms
@@ -151,6 +151,11 @@ class DeepSpeedStrategy(Strategy):
         manifest = json.loads((directory / "manifest.json").read_text())
         source = directory / DS_DIR
         if manifest["world_size"] != self.info.world_size:
+            if self.cfg.optim.name != "adamw":  # ds_to_universal converts fp32, exp_avg and exp_avg_sq only
+                raise CheckpointError(
+                    f"{directory}: written on {manifest['world_size']} ranks; DeepSpeed's universal checkpoint (for "
+                    f"another world size) carries Adam's state only, so optim.name {self.cfg.optim.name} resumes on "
+                    f"{manifest['world_size']} ranks")
             source = self._universal(directory)
             self.engine._config.load_universal_checkpoint = True
         # DeepSpeed's universal loader copies group 0's hyper-parameters into every group, which
