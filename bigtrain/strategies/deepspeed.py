@@ -113,9 +113,11 @@ class DeepSpeedStrategy(Strategy):
 
     def details(self) -> str:
         inner = getattr(self.engine.optimizer, "optimizer", self.engine.optimizer)  # ZeRO wraps it
-        offload = " (offloaded)" if self.engine.zero_cpu_offload() else ""
+        note = " (offloaded)" if self.engine.zero_cpu_offload() else ""
+        if self.cfg.optim.name == "adafactor" and self.engine.zero_optimization_stage() > 0:
+            note = " (unfactored: ZeRO's flat partitions)"  # see bigtrain/optim.py
         compiled = ", compiled" if self.engine.is_compiled else ""
-        return f"ZeRO-{self.engine.zero_optimization_stage()}, optimizer {type(inner).__name__}{offload}{compiled}"
+        return f"ZeRO-{self.engine.zero_optimization_stage()}, optimizer {type(inner).__name__}{note}{compiled}"
 
     def close(self) -> None:
         # ZeRO's gradient hooks reach the engine from C++, so without destroy() the engine and
