@@ -273,9 +273,9 @@ class OptimSection(_Section):
     alpha: float = Field(0.99, gt=0.0, le=1.0)
     """rmsprop: decay of the squared-gradient average."""
     centered: bool = False
-    """rmsprop: divide by the gradient's estimated variance instead of its second moment."""
+    """rmsprop: divide by the gradient's estimated standard deviation instead of its root mean square."""
     decay_rate: float = Field(-0.8, lt=0.0)
-    """adafactor: the second moment decays by 1 - step^decay_rate."""
+    """adafactor: the second moment's decay at step t is 1 - t^decay_rate."""
     clip_threshold: float = Field(1.0, gt=0.0)
     """adafactor: an update whose RMS exceeds this is scaled down to it."""
     implementation: Literal["auto", "fused", "foreach", "for-loop"] = "auto"
