@@ -65,7 +65,8 @@ def test_each_optimizer_trains_the_gpt_and_resumes_exactly(single_runs, name):
     loss = losses(run_dir)
     assert loss[STEPS] < loss[1] - 0.2, loss
     assert sum(loss[s] for s in (4, 5, 6)) < sum(loss[s] for s in (1, 2, 3)), loss
-    resumes_exactly(run_dir, argv)  # single (and ddp, the same files): optimizer.pt
+    if name != "adamw":  # adamw's: tests/test_checkpoint.py
+        resumes_exactly(run_dir, argv)  # single (and ddp, the same files): optimizer.pt
 
 
 def test_resuming_with_another_optimizer_is_a_clear_error(single_runs, cache_dir, tiny_text):
