@@ -50,6 +50,16 @@ def test_include_order_and_overrides(tmp_path):
      "data: sequence_classification reads data.path (and data.val_path), not data.sources or data.download"),
     (["task=sequence_classification"],
      "model.name: 'gpt2' cannot train task 'sequence_classification' (expected bert)"),
+    (["optim.name=adafactor", "optim.eps=1e-6"], "optim.eps: only for adamw and rmsprop (optim.name is adafactor)"),
+    (["optim.name=lion", "optim.implementation=foreach"],
+     "optim.implementation: only for adamw, sgd and rmsprop (optim.name is lion)"),
+    (["optim.name=rmsprop", "optim.implementation=fused"],
+     "optim.implementation: fused is only for adamw and sgd (optim.name is rmsprop)"),
+    (["optim.name=sgd", "optim.momentum=0", "optim.nesterov=true"], "optim.nesterov: needs optim.momentum > 0"),
+    (["schedule.decay=step"], "schedule.step_size: required for schedule.decay step"),
+    (["schedule.decay=onecycle", "schedule.gamma=0.5"], "schedule.gamma: only for step (schedule.decay is onecycle)"),
+    (["schedule.decay=step", "schedule.step_size=10", "schedule.min_lr_ratio=0"],
+     "schedule.min_lr_ratio: only for cosine and linear (schedule.decay is step)"),
 ])
 def test_validation_errors_name_the_key(override, expected):
     with pytest.raises(ConfigError) as err:
@@ -99,6 +109,20 @@ def test_resolved_config_round_trips(tmp_path):
     again = load_config(saved)
     assert again == cfg
     assert again.checkpoint.async_ is True
+
+
+def test_resolved_config_keeps_only_the_keys_that_apply(tmp_path):
+    cfg = load_config(ROOT / "configs" / "gpt-tiny.yaml", ["optim.name=adafactor", "schedule.decay=onecycle"])
+    tree = cfg.to_dict()
+    assert tree["optim"] == {"name": "adafactor", "lr": cfg.optim.lr, "weight_decay": 0.1, "decay_rate": -0.8,
+                             "clip_threshold": 1.0}  # adafactor's momentum (beta1) only where set
+    assert set(tree["schedule"]) == {"warmup_steps", "decay", "pct_start", "div_factor", "final_div_factor"}
+    again = load_config(write(tmp_path / "resolved.yaml", cfg.to_yaml()))
+    assert again == cfg and again.optim.adafactor_beta1 is None
+    momentum = load_config(ROOT / "configs" / "gpt-tiny.yaml", ["optim.name=adafactor", "optim.beta1=0.8"])
+    assert load_config(write(tmp_path / "m.yaml", momentum.to_yaml())).optim.adafactor_beta1 == 0.8
+    assert set(load_config(ROOT / "configs" / "gpt-tiny.yaml").to_dict()["optim"]) == {
+        "name", "lr", "weight_decay", "beta1", "beta2", "eps", "implementation"}  # adamw: as before
 
 
 # ---------------------------------------------------------------------------------------------

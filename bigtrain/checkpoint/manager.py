@@ -381,6 +381,10 @@ class CheckpointManager:
         if saved_strategy != strategy.name and not {saved_strategy, strategy.name} <= REPLICATED:
             raise CheckpointError(f"{path}: written by strategy '{saved_strategy}'; this run uses "
                                   f"'{strategy.name}' (export it to Hugging Face format to switch engines)")
+        saved_optim, optim = (saved_cfg.get("optim") or {}).get("name", "adamw"), strategy.cfg.optim.name
+        if saved_optim != optim:
+            raise CheckpointError(f"{path}: written with optim.name {saved_optim}; this run uses {optim} (its state "
+                                  f"cannot take over another optimizer's: export the weights to start anew)")
         strategy.load(path)
         rng_file = path / f"rng-{self.info.rank}.json"
         if rng_file.is_file() and manifest["world_size"] == self.info.world_size:

@@ -108,6 +108,15 @@ class RunConfig(_Section):
                              "block would update its BatchNorm statistics twice)")
         return self
 
+    @model_validator(mode="after")
+    def _optimizer_fits(self) -> RunConfig:
+        ds = self.strategy.deepspeed
+        offload = [k for k in ("offload_optimizer", "offload_param") if getattr(ds, k)]
+        if self.strategy.name == "deepspeed" and offload and self.optim.name != "adamw":
+            raise ValueError(f"strategy.deepspeed.{offload[0]}: ZeRO-Offload steps DeepSpeed's CPU Adam, so only "
+                             f"optim.name adamw can offload (optim.name is {self.optim.name})")
+        return self
+
     @property
     def text_task(self) -> bool:
         """Trains on text (with a tokenizer)."""

@@ -20,11 +20,11 @@ import torch
 from torch import nn
 
 from bigtrain import dist
-from bigtrain.checkpoint import derived_dir, fault_point
+from bigtrain.checkpoint import CheckpointError, derived_dir, fault_point
 from bigtrain.config import RunConfig, deep_merge
 from bigtrain.dist import LOW_PRECISION
 from bigtrain.models import batch_norms
-from bigtrain.optim import adamw_kwargs, param_groups
+from bigtrain.optim import build_optimizer, param_groups
 from bigtrain.strategies import memory
 from bigtrain.strategies.base import (
     Strategy,
@@ -98,11 +98,8 @@ class DeepSpeedStrategy(Strategy):
         self.ds_config = deepspeed_config(self.cfg, self.info.world_size, n_params)
         groups = param_groups(model, self.cfg.optim.weight_decay)
         optimizer = None
-        if "optimizer" not in self.ds_config:
-            opt_cfg = self.cfg.optim
-            if opt_cfg.implementation == "auto":
-                opt_cfg = opt_cfg.model_copy(update={"implementation": "foreach"})
-            optimizer = torch.optim.AdamW(groups, **adamw_kwargs(opt_cfg))
+        if "optimizer" not in self.ds_config:  # the client optimizer; ZeRO hands it flat partitions (auto: foreach)
+            optimizer = build_optimizer(groups, self.cfg.optim)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, model_parameters=groups if optimizer is None else None,
             config=self.ds_config, dist_init_required=False)
@@ -116,9 +113,11 @@ class DeepSpeedStrategy(Strategy):
 
     def details(self) -> str:
         inner = getattr(self.engine.optimizer, "optimizer", self.engine.optimizer)  # ZeRO wraps it
-        offload = " (offloaded)" if self.engine.zero_cpu_offload() else ""
+        note = " (offloaded)" if self.engine.zero_cpu_offload() else ""
+        if self.cfg.optim.name == "adafactor" and self.engine.zero_optimization_stage() > 0:
+            note = " (unfactored: ZeRO's flat partitions)"  # see bigtrain/optim.py
         compiled = ", compiled" if self.engine.is_compiled else ""
-        return f"ZeRO-{self.engine.zero_optimization_stage()}, optimizer {type(inner).__name__}{offload}{compiled}"
+        return f"ZeRO-{self.engine.zero_optimization_stage()}, optimizer {type(inner).__name__}{note}{compiled}"
 
     def close(self) -> None:
         # ZeRO's gradient hooks reach the engine from C++, so without destroy() the engine and
@@ -156,6 +155,11 @@ class DeepSpeedStrategy(Strategy):
         manifest = json.loads((directory / "manifest.json").read_text())
         source = directory / DS_DIR
         if manifest["world_size"] != self.info.world_size:
+            if self.cfg.optim.name != "adamw":  # ds_to_universal converts fp32, exp_avg and exp_avg_sq only
+                raise CheckpointError(
+                    f"{directory}: written on {manifest['world_size']} ranks; DeepSpeed's universal checkpoint (for "
+                    f"another world size) carries Adam's state only, so optim.name {self.cfg.optim.name} resumes on "
+                    f"{manifest['world_size']} ranks")
             source = self._universal(directory)
             self.engine._config.load_universal_checkpoint = True
         # DeepSpeed's universal loader copies group 0's hyper-parameters into every group, which

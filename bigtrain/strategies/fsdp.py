@@ -30,7 +30,7 @@ from bigtrain.checkpoint import fault_point
 from bigtrain.dist import LOW_PRECISION
 from bigtrain.models import batch_norms, repeated_blocks
 from bigtrain.models.lora import trainable_names
-from bigtrain.optim import adamw_kwargs, param_groups
+from bigtrain.optim import build_optimizer, param_groups
 from bigtrain.strategies import memory
 from bigtrain.strategies.base import (
     Strategy,
@@ -85,11 +85,8 @@ class FSDPStrategy(Strategy):
             fully_shard(block, **kwargs)
         fully_shard(model, **kwargs)
         self.model = self.raw_model = model
-        groups = param_groups(model, self.cfg.optim.weight_decay)
-        opt_cfg = self.cfg.optim
-        if opt_cfg.implementation == "auto":  # fused AdamW does not take DTensor shards everywhere
-            opt_cfg = opt_cfg.model_copy(update={"implementation": "foreach"})
-        self.optimizer = torch.optim.AdamW(groups, **adamw_kwargs(opt_cfg))
+        # no devices: fused kernels do not take DTensor shards everywhere (auto: foreach)
+        self.optimizer = build_optimizer(param_groups(model, self.cfg.optim.weight_decay), self.cfg.optim)
         self.scaler = None
         if self.cfg.precision == "fp16":
             from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler

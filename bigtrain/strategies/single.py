@@ -11,7 +11,7 @@ from torch import nn
 
 from bigtrain.checkpoint import fault_point
 from bigtrain.models.lora import trainable_names
-from bigtrain.optim import build_adamw
+from bigtrain.optim import build_optimizer, param_groups
 from bigtrain.strategies import memory
 from bigtrain.strategies.base import (
     Strategy,
@@ -30,7 +30,9 @@ class SingleStrategy(Strategy):
         if self.cfg.strategy.activation_checkpointing:
             enable_activation_checkpointing(model)
         self.raw_model = model.to(self.device)
-        self.optimizer = build_adamw(self.raw_model, self.cfg.optim)
+        groups = param_groups(self.raw_model, self.cfg.optim.weight_decay)
+        devices = {p.device.type for g in groups for p in g["params"]}
+        self.optimizer = build_optimizer(groups, self.cfg.optim, devices)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.cfg.precision == "fp16")
         self.model = torch.compile(self.raw_model) if self.cfg.train.compile else self.raw_model
 
