@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -44,7 +45,6 @@ from bigtrain.data.shards import PreparedData  # noqa: E402
 from bigtrain.data.stream import CausalLMStream  # noqa: E402
 from bigtrain.models import build_causal_lm  # noqa: E402
 from bigtrain.optim import adamw_kwargs, lr_at, param_groups  # noqa: E402
-from bigtrain.strategies.base import causal_lm_loss  # noqa: E402
 from bigtrain.tracking.jsonl import read_jsonl  # noqa: E402
 
 GPU_SHAPE = ["model.n_layer=12", "model.n_head=12", "model.d_model=768", "data.tokenizer.vocab_size=8192",
@@ -98,7 +98,8 @@ def run_plain(cfg: RunConfig, data: PreparedData, steps: int) -> tuple[float, li
             batch = next(batches)
             batch = {k: batch[k].to(device, non_blocking=True) for k in ("input_ids", "labels")}
             with torch.autocast(device.type, dtype=low, enabled=low is not None):
-                loss = causal_lm_loss(forward, batch)
+                logits = forward(input_ids=batch["input_ids"]).logits
+                loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), batch["labels"].reshape(-1))
             (loss / accum).backward()
             total += loss.detach()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip, foreach=True)

@@ -14,17 +14,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from bigtrain.config import RunConfig
 from bigtrain.dist import LOW_PRECISION, DistInfo
+from bigtrain.losses import cross_entropy
 
 
 def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean next-token cross-entropy (computed in fp32): the default objective."""
-    logits = model(input_ids=batch["input_ids"]).logits
-    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), batch["labels"].reshape(-1))
+    """Mean next-token cross-entropy (in fp32, chunked over large vocabularies): the default objective."""
+    return cross_entropy(model(input_ids=batch["input_ids"]).logits, batch["labels"])
 
 
 # Batch entries that describe the samples (for logging and audits), not model inputs.
