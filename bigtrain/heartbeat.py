@@ -26,7 +26,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-PHASES = ("setup", "data", "forward-backward", "optimizer", "log", "eval", "stop-poll", "checkpoint", "done")
+PHASES = ("setup", "data", "forward-backward", "optimizer", "log", "eval", "stop-poll", "checkpoint", "done",
+          "failed")
 HANG_EXIT_CODE = 1
 
 
@@ -106,8 +107,8 @@ class Heartbeat:
         print(line, file=sys.stderr, flush=True)
         os._exit(HANG_EXIT_CODE)
 
-    def close(self) -> None:
-        self.enter("done")
+    def close(self, failed: bool = False) -> None:
+        self.enter("failed" if failed else "done")
         self._stop.set()
         self._thread.join(timeout=5)
         self._write()
@@ -166,8 +167,8 @@ def describe(beats: list[dict[str, Any]], stalled_after_s: float = 5.0) -> list[
         age = now - b["since"]
         step_s = b.get("step_seconds") or 0.0
         slow = age > max(stalled_after_s, 3 * step_s)
-        if b["phase"] == "done":
-            flag = "finished"
+        if b["phase"] in ("done", "failed"):
+            flag = "finished" if b["phase"] == "done" else "failed"
         elif now - b.get("written", now) > max(10.0, 5 * stalled_after_s):
             flag = "GONE (no heartbeat written for a while)"
         elif _position(b) < front and slow:

@@ -165,7 +165,7 @@ class Trainer:
         dist.barrier()
         self.heartbeat = Heartbeat(self.run_dir, info.rank, info.world_size, cfg.train.collective_timeout_s,
                                    self.log, dump_collectives=dist.collective_trace_dumper(info))
-        on_close(self.heartbeat.close)
+        on_close(lambda: self.heartbeat.close(failed=self._failed))
         flops_per_sample = task.flops_per_sample(model)
         n_params = sum(p.numel() for p in model.parameters())
         n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
