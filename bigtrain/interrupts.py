@@ -20,7 +20,7 @@ import signal
 import torch
 import torch.distributed as dist
 
-from bigtrain.exit_codes import INTERRUPTED, REQUEUE
+from bigtrain.exit_codes import INTERRUPTED, PRUNED, REQUEUE
 
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -30,6 +30,7 @@ class StopRequests:
         self.device = device
         self.preempted: str | None = None  # the signal's name, or "peer rank"
         self.interrupted: str | None = None
+        self.pruned: str | None = None  # a sweep's study asked this trial to stop (why)
         self._previous = {}
         for sig in (*PREEMPTION_SIGNALS, signal.SIGINT):
             self._previous[sig] = signal.signal(sig, self._handle)
@@ -44,6 +45,10 @@ class StopRequests:
         else:
             self.interrupted = name
 
+    def prune(self, why: str) -> None:
+        """A sweep trial's study says stop (rank 0 knows; the next poll tells every rank)."""
+        self.pruned = self.pruned or why
+
     def restore(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
@@ -51,28 +56,30 @@ class StopRequests:
 
     @property
     def requested(self) -> str | None:
-        """Why the run stops (the signal's name), None if it was not asked to."""
-        return self.preempted or self.interrupted
+        """Why the run stops (the signal's name, or the pruner's words), None if it was not asked to."""
+        return self.preempted or self.interrupted or self.pruned
 
     @property
     def exit_code(self) -> int:
-        """Preemption wins over Ctrl-C: a preempted job must be requeued."""
-        return REQUEUE if self.preempted else INTERRUPTED
+        """Preemption wins (a preempted job must be requeued), then Ctrl-C, then pruning."""
+        return REQUEUE if self.preempted else INTERRUPTED if self.interrupted else PRUNED
 
     def poll(self, time_due: bool = False) -> tuple[bool, bool]:
         """(stop now, time-based save due), agreed by every rank.
 
-        One process: plain Python, no device sync. Several ranks: one 3-int all-reduce per step
+        One process: plain Python, no device sync. Several ranks: one 4-int all-reduce per step
         (the price of every rank stopping at the same step).
         """
         if dist.is_initialized() and dist.get_world_size() > 1:
-            flags = torch.tensor([self.preempted is not None, self.interrupted is not None, time_due],
-                                 dtype=torch.int32, device=self.device)
+            flags = torch.tensor([self.preempted is not None, self.interrupted is not None, time_due,
+                                  self.pruned is not None], dtype=torch.int32, device=self.device)
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-            preempted, interrupted, due = flags.tolist()
+            preempted, interrupted, due, pruned = flags.tolist()
             if preempted and not self.preempted:
                 self.preempted = "peer rank"
             if interrupted and not self.interrupted:
                 self.interrupted = "peer rank"
+            if pruned and not self.pruned:
+                self.pruned = "pruned by the study (rank 0)"
             time_due = bool(due)
         return self.requested is not None, time_due

@@ -185,7 +185,9 @@ class Trainer:
         resumed_from = self.ckpt.resume()
         self.start_step = self.state.step
 
-        self.tracker = Tracker(cfg, self.run_dir, info.is_main, self.start_step)
+        self.stops = StopRequests(info.device)
+        on_close(self.stops.restore)
+        self.tracker = Tracker(cfg, self.run_dir, info.is_main, self.start_step, on_stop=self.stops.prune)
         on_close(self.tracker.close)
         trains = f" ({n_trainable / 1e6:.3f}M trainable: LoRA r={cfg.model.lora.r})" if cfg.model.lora else ""
         self.tracker.log(f"run {cfg.run.name}: {cfg.task}, {n_params / 1e6:.2f}M params{trains}, strategy "
@@ -204,8 +206,6 @@ class Trainer:
         self.sample_log = SampleLog(self.run_dir, info.rank) if cfg.data.log_samples else None
         if self.sample_log:
             on_close(self.sample_log.close)
-        self.stops = StopRequests(info.device)
-        on_close(self.stops.restore)
         self.metrics = StepMetrics(device=info.device, start_step=self.start_step, samples_per_step=samples_per_step,
                                    tokens_per_sample=task.tokens_per_sample, flops_per_sample=flops_per_sample,
                                    peak_flops=peak_flops(info.device, cfg.precision), world_size=info.world_size)
@@ -261,9 +261,11 @@ class Trainer:
         self.ckpt.close()  # the last save is committed
         last = self.ckpt.last_committed
         if stop:
-            why = "preempted" if self.stops.preempted else "interrupted"
-            self.tracker.log(f"{why} ({self.stops.requested}) after step {state.step}: checkpoint {last}; exiting with "
-                             f"code {self.stops.exit_code} (run the same command again to resume)")
+            stops = self.stops
+            why = "preempted" if stops.preempted else "interrupted" if stops.interrupted else "pruned"
+            again = " (run the same command again to resume)" if why != "pruned" else ""
+            self.tracker.log(f"{why} ({stops.requested}) after step {state.step}: checkpoint {last}; exiting with "
+                             f"code {stops.exit_code}{again}")
         else:
             text = self.task.sample(strategy) if self.start_step < max_steps else None
             if text is not None:

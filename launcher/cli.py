@@ -7,6 +7,7 @@
                     --rdzv-endpoint HOST:PORT --max-restarts K] [--dry-run]    (torchrun / deepspeed)
     bigtrain submit CONFIG [key=value ...] [--sweep KEY=[...] ...] [--follow] [--dry-run]   (SLURM)
     bigtrain status|logs|cancel RUN_DIR
+    bigtrain sweep CONFIG [key=value ...] --sweep KEY=SPACE ... [--sweep-mode bayes|grid|random] [--trials N]
     bigtrain sweep-report RUN_DIR [--json]
     bigtrain report RUN_DIR [RUN_DIR ...] [--out DIR]   (PNG plots and report.md; a sweep: its leaderboard)
     bigtrain config [CONFIG] [key=value ...]         (the resolved config as YAML)
@@ -160,6 +161,14 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     return cancel(Path(args.run_dir))
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from launcher.bayes import run_sweep
+
+    return run_sweep(args.config, args.overrides, args.sweep, mode=args.sweep_mode, trials=args.trials,
+                     seed=args.sweep_seed, sampler=args.sampler, pruner=args.pruner, metric=args.metric,
+                     direction=args.direction)
+
+
 def cmd_sweep_report(args: argparse.Namespace) -> int:
     from launcher.sweep import report
 
@@ -306,6 +315,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print KEY's type, default, range and description (a section: all its keys; "
                         "no KEY: every key)")
     p.set_defaults(func=cmd_config)
+
+    p = sub.add_parser("sweep", help="run a sweep's trials on this machine, one after another (grid, random, bayes)")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides for every trial")
+    p.add_argument("--sweep", action="append", default=[], metavar="KEY=SPACE",
+                   help="a searched key: [v1,v2,...], uniform(a,b), loguniform(a,b), int(a,b) (repeatable)")
+    p.add_argument("--sweep-mode", choices=["grid", "random", "bayes"], default="bayes")
+    p.add_argument("--trials", type=int, default=None, help="random and bayes: how many trials")
+    p.add_argument("--sweep-seed", type=int, default=0, help="seed of the draws / the sampler")
+    p.add_argument("--sampler", choices=["tpe", "gp", "random"], default="tpe", help="bayes: Optuna's sampler")
+    p.add_argument("--pruner", choices=["median", "asha", "none"], default="median",
+                   help="bayes: stop trials early at evaluations (median: worse than the median so far)")
+    p.add_argument("--metric", default="val_loss", help="what the study optimises (an eval.jsonl key)")
+    p.add_argument("--direction", choices=["minimize", "maximize"], default="minimize")
+    p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("sweep-report", help="tabulate final metrics across a sweep's tasks")
     p.add_argument("run_dir", help="the sweep's run directory")

@@ -24,7 +24,7 @@ from bigtrain.config import ConfigError
 from launcher.resources import Plan, load_run_config, make_plan
 
 SWEEP_FILE = "sweep.json"
-_DIST = re.compile(r"^(uniform|loguniform|randint)\(\s*([^,]+?)\s*,\s*([^,]+?)\s*\)$")
+_DIST = re.compile(r"^(uniform|loguniform|randint|int)\(\s*([^,]+?)\s*,\s*([^,]+?)\s*\)$")
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,7 @@ def parse_sweep(text: str) -> Param:
     match = _DIST.match(raw.strip())
     if match:
         kind, low, high = match.group(1), _number(match.group(2), text), _number(match.group(3), text)
+        kind = "randint" if kind == "int" else kind
         if not low < high or (kind == "loguniform" and low <= 0):
             raise ConfigError(f"--sweep '{text}': need 0 < low < high for loguniform, low < high otherwise")
         return Param(key, dist=(kind, low, high))
@@ -189,6 +190,7 @@ def report_rows(root: Path) -> tuple[list[str], list[dict[str, Any]]]:
         rows.append({
             "task": task["index"],
             **{key: task["setting"].get(key) for key in keys},
+            "state": task.get("state"),
             "step": last.get("step"),
             "loss": last.get("loss"),
             "val_loss": last_eval.get("val_loss"),
@@ -215,7 +217,8 @@ def format_table(keys: list[str], rows: list[dict[str, Any]], sort_by: str | Non
     if sort_by:
         rows = sorted(rows, key=lambda r: (r.get(sort_by) is None, r.get(sort_by) if r.get(sort_by) is not None else 0,
                                            r["task"]))
-    columns = ["task", *keys, "step", "loss", "val_loss", "val_ppl", "tokens_per_s"]
+    states = any(row.get("state") for row in rows)  # bigtrain sweep records each trial's state
+    columns = ["task", *keys, *(["state"] if states else []), "step", "loss", "val_loss", "val_ppl", "tokens_per_s"]
     table = [columns] + [[_cell(row.get(c), c) for c in columns] for row in rows]
     widths = [max(len(r[i]) for r in table) for i in range(len(columns))]
     lines = ["  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(r, widths)))

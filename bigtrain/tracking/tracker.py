@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -11,12 +12,19 @@ from bigtrain.tracking.jsonl import JsonlWriter
 
 
 class Tracker:
-    def __init__(self, cfg: RunConfig, run_dir: Path, is_main: bool, start_step: int = 0):
+    """``on_stop(why)``: called when a sweep's study prunes this run (a trial of ``bigtrain sweep``)."""
+
+    def __init__(self, cfg: RunConfig, run_dir: Path, is_main: bool, start_step: int = 0,
+                 on_stop: Callable[[str], None] | None = None):
         self.is_main = is_main
         self.console = Console(cfg.train.max_steps, start_step, cfg.tracking.console) if is_main else None
-        self.metrics = self.evals = self.wandb = None
+        self.metrics = self.evals = self.wandb = self.study = None
+        self.on_stop = on_stop
         if not is_main:
             return
+        from bigtrain.tracking.study import StudyTrial
+
+        self.study = StudyTrial.from_env()
         self.metrics = JsonlWriter(run_dir / "metrics.jsonl")
         self.evals = JsonlWriter(run_dir / "eval.jsonl")
         # Records past the starting step belong to an abandoned timeline (a run that died after
@@ -49,6 +57,10 @@ class Tracker:
         self.console.print(f"eval step {record['step']} | {shown}")
         if self.wandb:
             self.wandb.log({f"eval/{k}": v for k, v in record.items() if k != "step"}, record["step"])
+        if self.study is not None:
+            why = self.study.report(record)
+            if why and self.on_stop is not None:
+                self.on_stop(why)
 
     def close(self) -> None:
         if not self.is_main:
