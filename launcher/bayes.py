@@ -17,15 +17,18 @@ Imports optuna only for ``bayes`` (no torch: runs on login nodes too).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 from bigtrain.config import ConfigError
-from bigtrain.exit_codes import OK, PRUNED
+from bigtrain.exit_codes import BAD_INPUT, OK, PRUNED
 from bigtrain.tracking.study import (
     ENV_METRIC,
     ENV_NAME,
@@ -88,6 +91,21 @@ def open_study(run_dir: Path, name: str, owner: dict[str, Any], sampler, pruner,
     return study
 
 
+def outcome(status: int, value: float | None) -> str:
+    """A trial's state from its exit status and final metric."""
+    if status == PRUNED:
+        return "pruned"
+    return "complete" if status == OK and value is not None else f"failed (exit {status})"
+
+
+def tell(study, trial, state: str, value: float | None) -> None:
+    """``trial``: an Optuna trial or its number."""
+    from optuna.trial import TrialState
+
+    kind = {"pruned": TrialState.PRUNED, "complete": TrialState.COMPLETE}.get(state, TrialState.FAIL)
+    study.tell(trial, value if kind == TrialState.COMPLETE else None, state=kind)
+
+
 def final_value(run_dir: Path, metric: str) -> float | None:
     evals = [e for e in read_jsonl(run_dir / "eval.jsonl") if e.get(metric) is not None]
     return float(evals[-1][metric]) if evals else None
@@ -138,18 +156,9 @@ def run_sweep(config: str, overrides: list[str], sweeps: list[str], mode: str = 
         log(f"sweep: trial {i}: {shown}")
         code = subprocess.run(argv, env=env).returncode
         value = final_value(task_dir, metric)
-        task["state"] = ("pruned" if code == PRUNED else "complete" if code == OK and value is not None
-                         else f"failed (exit {code})")
-        task[metric] = value
+        task["state"], task[metric] = outcome(code, value), value
         if study is not None:
-            from optuna.trial import TrialState
-
-            if task["state"] == "pruned":
-                study.tell(trial, state=TrialState.PRUNED)
-            elif task["state"] == "complete":
-                study.tell(trial, value)
-            else:
-                study.tell(trial, state=TrialState.FAIL)
+            tell(study, trial, task["state"], value)
         write_sweep_file(root, record)
         log(f"sweep: trial {i} {task['state']}" + (f", {metric} {value:.4f}" if value is not None else ""))
     done = [t for t in record["tasks"] if t["state"] == "complete"]
@@ -161,3 +170,123 @@ def run_sweep(config: str, overrides: list[str], sweeps: list[str], mode: str = 
     log(f"sweep: best trial {best['index']} ({metric} {best[metric]:.4f}): "
         f"{json.dumps(best['setting'])}; {pruned} of {len(record['tasks'])} pruned; {root / SWEEP_FILE}")
     return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# As a SLURM job array (bigtrain submit --sweep-mode bayes): each task asks the shared study
+# ---------------------------------------------------------------------------------------------
+
+ARRAY_FILE = "bayes.json"  # how the array's tasks ask the study: config, overrides, space, sampler, ...
+
+
+@contextlib.contextmanager
+def _locked(root: Path):
+    """Tasks of one array update sweep.json one at a time."""
+    with open(root / ".sweep.lock", "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _update_task(root: Path, index: int, **fields: Any) -> None:
+    with _locked(root):
+        record = json.loads((root / SWEEP_FILE).read_text())
+        record["tasks"][index].update(fields)
+        write_sweep_file(root, record)
+
+
+def prepare_array(root: Path, config: str, overrides: list[str], sweeps: list[str], trials: int, seed: int,
+                  sampler: str, pruner: str, metric: str, direction: str, name: str, job_id: str = "") -> list[str]:
+    """At submit: create the study and the files the tasks read; returns the swept keys."""
+    params = [parse_sweep(text) for text in sweeps]
+    make_sampler(sampler, seed)
+    try:
+        pruning = make_pruner(pruner)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    owner = {"config": str(Path(config).resolve()), "overrides": list(overrides), "space": list(sweeps),
+             "metric": metric, "direction": direction}
+    open_study(root, name, owner, make_sampler(sampler, seed), pruning, direction)
+    for i in range(trials):  # SLURM writes each task's log there from its start
+        (root / f"sweep-{i}").mkdir(parents=True, exist_ok=True)
+    (root / ARRAY_FILE).write_text(json.dumps({
+        "config": str(Path(config).resolve()), "overrides": list(overrides), "sweeps": list(sweeps), "seed": seed,
+        "sampler": sampler, "pruner": pruner, "metric": metric, "direction": direction, "name": name,
+        "owner": owner}, indent=2) + "\n")
+    write_sweep_file(root, {"job_id": job_id, "mode": "bayes", "keys": [p.key for p in params], "metric": metric,
+                            "tasks": [{"index": i, "setting": {}, "run_dir": str(root / f"sweep-{i}"),
+                                       "state": "pending"} for i in range(trials)]})
+    return [p.key for p in params]
+
+
+def record_job(root: Path, job_id: str) -> None:
+    with _locked(root):
+        record = json.loads((root / SWEEP_FILE).read_text())
+        record["job_id"] = job_id
+        write_sweep_file(root, record)
+
+
+def _array_study(root: Path):
+    spec = json.loads((root / ARRAY_FILE).read_text())
+    study = open_study(root, spec["name"], spec["owner"], make_sampler(spec["sampler"], spec["seed"]),
+                       make_pruner(spec["pruner"]), spec["direction"])
+    return spec, study
+
+
+def ask_task(root: Path, index: int) -> str:
+    """In the job, before the step: this task's trial (asked once; a requeued task keeps it), its
+    config snapshot, and the shell exports that name the study to the ranks."""
+    from launcher.slurm.script import SNAPSHOT, snapshot_config
+
+    spec, study = _array_study(root)
+    task_dir = root / f"sweep-{index}"
+    task_dir.mkdir(parents=True, exist_ok=True)
+    trial_file = task_dir / "trial.json"
+    if trial_file.is_file():
+        trial = json.loads(trial_file.read_text())
+    else:
+        asked = study.ask(distributions([parse_sweep(t) for t in spec["sweeps"]]))
+        trial = {"trial_id": asked._trial_id, "number": asked.number, "setting": dict(asked.params)}
+        cfg = load_run_config(spec["config"], [*spec["overrides"],
+                                               *task_overrides(trial["setting"], spec["name"], index, task_dir)])
+        (task_dir / SNAPSHOT).write_text(snapshot_config(cfg, task_dir))
+        trial_file.write_text(json.dumps(trial, indent=2) + "\n")
+        _update_task(root, index, setting=trial["setting"], state="running", trial=trial["number"])
+    env = {ENV_STUDY: str(root / STUDY_FILE), ENV_NAME: spec["name"], ENV_TRIAL: str(trial["trial_id"]),
+           ENV_METRIC: spec["metric"], ENV_PRUNER: spec["pruner"]}
+    return "\n".join(f"export {k}={shlex.quote(v)}" for k, v in env.items())
+
+
+def tell_task(root: Path, index: int, status: int) -> str:
+    """In the job, after the step: the trial's outcome to the study and sweep.json."""
+    spec, study = _array_study(root)
+    task_dir = root / f"sweep-{index}"
+    trial = json.loads((task_dir / "trial.json").read_text())
+    value = final_value(task_dir, spec["metric"])
+    state = outcome(status, value)
+    tell(study, trial["number"], state, value)
+    _update_task(root, index, state=state, **{spec["metric"]: value})
+    return state
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m launcher.bayes ask|tell RUN_DIR TASK [STATUS]`` (the job script's two calls)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv[:1] == ["ask"] and len(argv) == 3:
+            print(ask_task(Path(argv[1]), int(argv[2])))
+            return OK
+        if argv[:1] == ["tell"] and len(argv) == 4:
+            print(f"bigtrain: trial of task {argv[2]}: {tell_task(Path(argv[1]), int(argv[2]), int(argv[3]))}")
+            return OK
+    except (ConfigError, OSError, ValueError, KeyError) as err:
+        print(f"error: bayes {' '.join(argv[:1])}: {err}", file=sys.stderr)
+        return BAD_INPUT
+    print("usage: python -m launcher.bayes ask RUN_DIR TASK | tell RUN_DIR TASK STATUS", file=sys.stderr)
+    return BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -124,7 +124,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return submit(args.config, args.overrides, template=args.template, dry_run=args.dry_run,
                   follow_log=args.follow, sweeps=args.sweep, sweep_mode=args.sweep_mode, trials=args.trials,
                   sweep_seed=args.sweep_seed, array_parallel=args.parallel, parsable=args.parsable,
-                  gpu_type=args.gpu_type, force=args.force)
+                  gpu_type=args.gpu_type, force=args.force, sampler=args.sampler,
+                  pruner=args.pruner, metric=args.metric, direction=args.direction)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -225,6 +226,15 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0  # not reached
 
 
+def add_search_options(p: argparse.ArgumentParser) -> None:
+    """Bayesian search (--sweep-mode bayes): the study's sampler, pruner and objective."""
+    p.add_argument("--sampler", choices=["tpe", "gp", "random"], default="tpe", help="bayes: Optuna's sampler")
+    p.add_argument("--pruner", choices=["median", "asha", "none"], default="median",
+                   help="bayes: stop trials early at evaluations (median: worse than the median so far)")
+    p.add_argument("--metric", default="val_loss", help="bayes: what the study optimises (an eval.jsonl key)")
+    p.add_argument("--direction", choices=["minimize", "maximize"], default="minimize")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bigtrain", description="Train large models: one config, any scale.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -279,9 +289,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parsable", action="store_true", help="print only the job id")
     p.add_argument("--sweep", action="append", default=[], metavar="KEY=[V,...]",
                    help="sweep a key over values: one job array (repeat for a grid)")
-    p.add_argument("--sweep-mode", choices=["grid", "random"], default="grid")
-    p.add_argument("--trials", type=int, default=None, help="random mode: how many settings to draw")
-    p.add_argument("--sweep-seed", type=int, default=0, help="random mode: seed for the draws")
+    p.add_argument("--sweep-mode", choices=["grid", "random", "bayes"], default="grid")
+    p.add_argument("--trials", type=int, default=None, help="random and bayes: how many tasks")
+    p.add_argument("--sweep-seed", type=int, default=0, help="seed of the draws / the sampler")
+    add_search_options(p)
     p.add_argument("--parallel", type=int, default=None, help="run at most N array tasks at once")
     add_fit_options(p)
     p.set_defaults(func=cmd_submit)
@@ -324,11 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sweep-mode", choices=["grid", "random", "bayes"], default="bayes")
     p.add_argument("--trials", type=int, default=None, help="random and bayes: how many trials")
     p.add_argument("--sweep-seed", type=int, default=0, help="seed of the draws / the sampler")
-    p.add_argument("--sampler", choices=["tpe", "gp", "random"], default="tpe", help="bayes: Optuna's sampler")
-    p.add_argument("--pruner", choices=["median", "asha", "none"], default="median",
-                   help="bayes: stop trials early at evaluations (median: worse than the median so far)")
-    p.add_argument("--metric", default="val_loss", help="what the study optimises (an eval.jsonl key)")
-    p.add_argument("--direction", choices=["minimize", "maximize"], default="minimize")
+    add_search_options(p)
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("sweep-report", help="tabulate final metrics across a sweep's tasks")

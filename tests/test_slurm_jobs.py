@@ -236,3 +236,28 @@ def test_cluster_rejects_impossible_requests_before_anything_is_written(cluster,
         assert proc.returncode == 2, proc.stdout + proc.stderr
         assert proc.stderr.startswith("error: the cluster rejects this job: ") and message in proc.stderr
         assert not (tmp_path / "r").exists()
+
+
+def test_bayesian_sweep_array_tasks_share_one_study(cluster, shared, tiny_text, tmp_path):
+    """Two array tasks at a time ask one Optuna study (journal file in the sweep directory) for their
+    trials, report at every evaluation, and tell it their outcome; a pruned task ends COMPLETED."""
+    import optuna
+
+    root = tmp_path / "bayes"
+    proc = bigtrain(cluster, "submit", str(TEST_CONFIG), f"run.dir={root}", f"data.path={tiny_text}",
+                    f"data.cache_dir={shared / 'cache'}", "train.sample_tokens=0", "train.max_steps=9",
+                    "train.eval_every=3", "checkpoint.save_final=false", "--sweep", "optim.lr=loguniform(1e-4,3e-1)",
+                    "--sweep-mode", "bayes", "--trials", "4", "--parallel", "2")
+    assert proc.returncode == 0, proc.stderr
+    info = wait_done(cluster, root, timeout=600)
+    assert [j["state"] for j in info["jobs"]] == ["COMPLETED"] * 4, info
+    tasks = json.loads((root / "sweep.json").read_text())["tasks"]
+    assert sorted(t["trial"] for t in tasks) == [0, 1, 2, 3]  # one study hands out every trial once
+    assert all(t["state"] in ("complete", "pruned") and 1e-4 <= t["setting"]["optim.lr"] <= 3e-1 for t in tasks)
+    study = optuna.load_study(study_name="gpt-test", storage=optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(root / "study.journal"))))
+    assert sorted(t.state.name for t in study.trials) == sorted(
+        "COMPLETE" if t["state"] == "complete" else "PRUNED" for t in tasks)
+    report = bigtrain(cluster, "sweep-report", str(root))
+    rows = [line for line in report.stdout.splitlines() if line.split() and line.split()[0].isdigit()]
+    assert len(rows) == 4, report.stdout

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from bigtrain.config import ConfigError, RunConfig
-from bigtrain.exit_codes import REQUEUE
+from bigtrain.exit_codes import PRUNED, REQUEUE
 from launcher.resources import Plan
 from launcher.torchrun import Shell, deepspeed_command, sh_join, torchrun_command
 
@@ -30,9 +30,10 @@ PLACEHOLDERS = {
     "summary": "one line: world size, nodes, launch mode",
     "submit_dir": "the directory `bigtrain submit` ran in (quoted)",
     "exports": "export lines: threads, resources.env, BIGTRAIN_RUN_DIR, BIGTRAIN_CONFIG",
-    "task_setup": "array jobs: the task's run directory and config",
+    "task_setup": "array jobs: the task's run directory and config (a Bayesian sweep's task asks its study here)",
     "rdzv_port": "the rendezvous / MASTER_PORT (a number or a shell expression)",
     "pre_step": "commands before the step (the DeepSpeed hostfile)",
+    "post_step": "commands after the step, with its exit status in $STATUS (a Bayesian sweep's task tells its study)",
     "step_command": "the srun line that starts the ranks (required)",
     "signal_grace_s": "seconds of warning before the time limit",
     "requeue_code": f"the runtime's requeue exit code ({REQUEUE})",
@@ -57,6 +58,7 @@ class JobSpec:
     config_path: Path | None = None  # the config snapshot (single job)
     array_size: int = 0  # > 0: a job array; task i runs RUN_DIR/sweep-<i>/submit-config.yaml
     array_parallel: int | None = None  # at most this many tasks at once
+    bayes: bool = False  # an array of Bayesian-search trials: each task asks the study for its setting
     template: Path = DEFAULT_TEMPLATE
     python: str = sys.executable
     extra_directives: list[str] = field(default_factory=list)
@@ -203,10 +205,17 @@ def render(spec: JobSpec, template_text: str | None = None) -> str:
         pre_step = ('export BIGTRAIN_HOSTFILE="$BIGTRAIN_RUN_DIR/hostfile-$SLURM_JOB_ID"\n'
                     f'scontrol show hostnames "$SLURM_JOB_NODELIST" | sed "s/\\$/ slots={plan.procs_per_node}/" '
                     '> "$BIGTRAIN_HOSTFILE"')
-    task_setup = ""
+    task_setup = post_step = ""
     if spec.is_array:
         task_setup = ('echo "bigtrain: array task ${SLURM_ARRAY_TASK_ID} of job ${SLURM_ARRAY_JOB_ID}: '
                       'run dir ${BIGTRAIN_RUN_DIR}"')
+    if spec.bayes:  # the trial's setting comes from the study; a requeued task keeps its trial
+        root, python = shlex.quote(str(spec.run_dir)), shlex.quote(spec.python)
+        task_setup += (f'\nASKED=$({python} -m launcher.bayes ask {root} "$SLURM_ARRAY_TASK_ID") || exit 2'
+                       '\neval "$ASKED"')
+        post_step = (f'[ "$STATUS" -eq {REQUEUE} ] || {python} -m launcher.bayes tell {root} '
+                     '"$SLURM_ARRAY_TASK_ID" "$STATUS"'
+                     f'\n[ "$STATUS" -eq {PRUNED} ] && STATUS=0  # a pruned trial is a finished task')
     port = str(res.rdzv_port) if res.rdzv_port else "$((20000 + SLURM_JOB_ID % 20000))"
     values = {
         "directives": "\n".join(directives(spec)),
@@ -219,6 +228,7 @@ def render(spec: JobSpec, template_text: str | None = None) -> str:
         "task_setup": task_setup,
         "rdzv_port": port,
         "pre_step": pre_step,
+        "post_step": post_step,
         "step_command": step_command(spec),
         "signal_grace_s": str(res.signal_grace_s),
         "requeue_code": str(REQUEUE),

@@ -35,7 +35,7 @@ from launcher.slurm.script import (
     resolve_template,
     snapshot_config,
 )
-from launcher.sweep import array_tasks, write_sweep_file
+from launcher.sweep import array_tasks, parse_sweep, write_sweep_file
 
 SCRIPT = "job.sbatch"
 
@@ -43,7 +43,8 @@ SCRIPT = "job.sbatch"
 def submit(config: str, overrides: list[str], *, template: str | None = None, dry_run: bool = False,
            follow_log: bool = False, sweeps: Sequence[str] = (), sweep_mode: str = "grid",
            trials: int | None = None, sweep_seed: int = 0, array_parallel: int | None = None,
-           parsable: bool = False, gpu_type: str | None = None, force: bool = False, out=sys.stdout) -> int:
+           parsable: bool = False, gpu_type: str | None = None, force: bool = False, out=sys.stdout,
+           sampler: str = "tpe", pruner: str = "median", metric: str = "val_loss", direction: str = "minimize") -> int:
     base = Path.cwd()
     overrides = normalize_overrides(list(overrides))
     cfg = load_run_config(config, overrides)
@@ -53,7 +54,15 @@ def submit(config: str, overrides: list[str], *, template: str | None = None, dr
     run_dir = absolute_run_dir(cfg, base)
     python = python_for_jobs(cfg)
 
-    keys, tasks = array_tasks(config, overrides, plan, run_dir, sweeps, sweep_mode, trials, sweep_seed)
+    bayes = sweep_mode == "bayes"
+    if bayes:  # each task asks the study for its setting in the job: nothing to expand here
+        if not sweeps or not trials or trials < 1:
+            raise ConfigError("--sweep-mode bayes needs --sweep KEY=SPACE and --trials N (N >= 1)")
+        [parse_sweep(text) for text in sweeps]  # one-line errors for a bad space, before anything runs
+        keys, tasks = [], [{"index": i, "run_dir": str(run_dir / f"sweep-{i}"), "config": cfg, "overrides": []}
+                           for i in range(trials)]
+    else:
+        keys, tasks = array_tasks(config, overrides, plan, run_dir, sweeps, sweep_mode, trials, sweep_seed)
     if tasks and array_parallel is not None and array_parallel < 1:
         raise ConfigError(f"--parallel must be >= 1 (got {array_parallel})")
     check_fits(cfg, world=plan.world_size, nodes=plan.nodes, gpu_type=gpu_type, force=force,
@@ -61,7 +70,8 @@ def submit(config: str, overrides: list[str], *, template: str | None = None, dr
 
     spec = JobSpec(plan=plan, run_dir=run_dir, submit_dir=base,
                    config_path=None if tasks else run_dir / SNAPSHOT,
-                   array_size=len(tasks), array_parallel=array_parallel, template=template_path, python=python)
+                   array_size=len(tasks), array_parallel=array_parallel, template=template_path, python=python,
+                   bayes=bayes)
     script_text = render(spec)
     script_path = run_dir / SCRIPT
     if dry_run:
@@ -80,7 +90,12 @@ def submit(config: str, overrides: list[str], *, template: str | None = None, dr
         raise ConfigError(f"run dir {run_dir} already belongs to job {busy}, which is still queued or running "
                           "(bigtrain cancel it, or choose another run.dir)")
     run_dir.mkdir(parents=True, exist_ok=True)
-    if tasks:
+    if bayes:
+        from launcher.bayes import prepare_array
+
+        keys = prepare_array(run_dir, config, overrides, list(sweeps), len(tasks), sweep_seed, sampler, pruner,
+                             metric, direction, cfg.run.name)
+    elif tasks:
         for task in tasks:
             task_dir = Path(task["run_dir"])
             task_dir.mkdir(parents=True, exist_ok=True)
@@ -106,7 +121,11 @@ def submit(config: str, overrides: list[str], *, template: str | None = None, dr
         "submitted_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "previous_jobs": [j for j in previous if j],
     }
     write_record(run_dir, record)
-    if tasks:
+    if bayes:
+        from launcher.bayes import record_job
+
+        record_job(run_dir, job_id)
+    elif tasks:
         write_sweep_file(run_dir, {
             "job_id": job_id, "mode": sweep_mode, "keys": keys,
             "tasks": [{k: v for k, v in t.items() if k != "config"} for t in tasks],
