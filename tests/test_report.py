@@ -123,3 +123,19 @@ def test_report_bad_input_is_one_line_and_exit_2(tmp_path):
         proc = run_cli("report", *args)
         assert proc.returncode == 2, proc.stdout + proc.stderr
         assert proc.stderr.startswith(expected) and proc.stderr.count("\n") == 1, proc.stderr
+
+
+def test_runs_with_the_same_curve_both_stay_visible(tmp_path):
+    """Two runs with equal memory (or the same schedule) draw one curve; the earlier run's is wider, so its
+    colour still shows around the later one's instead of vanishing under it."""
+    from matplotlib.image import imread
+
+    from launcher.report.plots import Plotter
+
+    xs, ys = list(range(1, 9)), [0.5] * 8
+    lines = [{"label": "a", "xs": xs, "ys": ys, "color": "tab:blue"},
+             {"label": "b", "xs": xs, "ys": ys, "color": "tab:orange"}]
+    Plotter(tmp_path).plot("same.png", "same", "step", "GiB", lines)
+    image = imread(tmp_path / "same.png")
+    # a curve ~600 px long: well over the legend's 30-odd px of each colour
+    assert pixels_of(image, TAB_BLUE) > 600 and pixels_of(image, TAB_ORANGE) > 600
