@@ -158,6 +158,7 @@ class Trainer:
             (self.run_dir / "config.yaml").write_text(cfg.to_yaml())
         seed_everything(cfg.seed)
         model = task.build_model()
+        model.train()  # from_pretrained returns a model in eval mode: no dropout until the first evaluation
         run_files = task.save_run_files(self.run_dir, model)
         dist.barrier()
         self.heartbeat = Heartbeat(self.run_dir, info.rank, info.world_size, cfg.train.collective_timeout_s,
