@@ -14,9 +14,11 @@ checks that it gives the same logits as the checkpointed model.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -149,6 +151,33 @@ def check_inputs(model: torch.nn.Module, cfg, tokenizer: AnyTokenizer | None, sa
     return {"input_ids": torch.tensor([tokenizer.encode(sample)[: cfg.train.seq_len]])}
 
 
+@contextlib.contextmanager
+def written_into(out: Path) -> Iterator[Path]:
+    """A fresh directory beside ``out`` to fill; renamed to ``out`` (replacing it) when the block
+    ends without an error, so ``out`` is never half-written."""
+    tmp = out.parent / f".{out.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    yield tmp
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+
+
+def checked_reload(out: Path, auto_class: str, model: torch.nn.Module, inputs: dict, source: str,
+                   error: type[Exception] = CheckpointError) -> float:
+    """The largest |logit difference| on ``inputs`` between ``model`` (the ``source``) and the
+    directory ``out`` reloaded with transformers' ``auto_class``; ``error`` above 1e-4."""
+    import transformers
+
+    reloaded = getattr(transformers, auto_class).from_pretrained(out, local_files_only=True).eval()
+    with torch.no_grad():
+        diff = (reloaded(**inputs).logits - model(**inputs).logits).abs().max().item()
+    if diff > 1e-4:
+        raise error(f"{out}: reloaded model's logits differ from {source} by {diff:.2e}")
+    return diff
+
+
 def export_hf(run_dir: Path, out: Path, step: int | None = None, force: bool = False,
               log=print, best: bool = False, adapter: bool = False) -> Path:
     """Write the checkpoint as a Hugging Face directory and check that it reloads with the same
@@ -191,23 +220,18 @@ def export_hf(run_dir: Path, out: Path, step: int | None = None, force: bool = F
     if cfg.model.lora is not None and not adapter:
         model = model.merge_and_unload()
 
-    tmp = out.parent / f".{out.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    if isinstance(tokenizer, HFTokenizer):
-        tokenizer.save_files(tmp)
-    elif tokenizer is not None:
-        shutil.copy(tok_file, tmp / "tokenizer.model")
-        hf_tok = hf_tokenizer(tok_file)
-        if hf_tok.encode(sample, add_special_tokens=False) == tokenizer.encode(sample):
-            hf_tok.save_pretrained(tmp)
-        else:
-            log("export: WARNING the Hugging Face tokenizer does not reproduce the SentencePiece ids; "
-                "only tokenizer.model is exported")
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    with written_into(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if isinstance(tokenizer, HFTokenizer):
+            tokenizer.save_files(tmp)
+        elif tokenizer is not None:
+            shutil.copy(tok_file, tmp / "tokenizer.model")
+            hf_tok = hf_tokenizer(tok_file)
+            if hf_tok.encode(sample, add_special_tokens=False) == tokenizer.encode(sample):
+                hf_tok.save_pretrained(tmp)
+            else:
+                log("export: WARNING the Hugging Face tokenizer does not reproduce the SentencePiece ids; "
+                    "only tokenizer.model is exported")
 
     # Check: the exported directory gives the checkpoint's outputs.
     auto_class = task_class(cfg.task).auto_class

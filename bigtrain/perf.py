@@ -15,9 +15,12 @@ _GPU_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A1
 
 
 def _matmul_seconds(device_type: str, dtype: torch.dtype, n: int, repeats: int) -> float:
-    """Best-of-``repeats`` time of one n x n matmul (after a warm-up one)."""
-    a = torch.randn(n, n, device=device_type).to(dtype)
-    b = torch.randn(n, n, device=device_type).to(dtype)
+    """Best-of-``repeats`` time of one n x n matmul (after a warm-up one). Its operands come from a
+    private generator: drawing from the global one after a resume restored it would shift every
+    later dropout draw."""
+    gen = torch.Generator(device=device_type).manual_seed(0)
+    a = torch.randn(n, n, device=device_type, generator=gen).to(dtype)
+    b = torch.randn(n, n, device=device_type, generator=gen).to(dtype)
     torch.matmul(a, b)
     best = float("inf")
     for _ in range(repeats):

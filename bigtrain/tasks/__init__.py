@@ -16,6 +16,7 @@ TASKS = {
     "masked_lm": ("bigtrain.tasks.masked_lm", "MaskedLMTask"),
     "image_classification": ("bigtrain.tasks.image_classification", "ImageClassificationTask"),
     "sequence_classification": ("bigtrain.tasks.sequence_classification", "SequenceClassificationTask"),
+    "sft": ("bigtrain.tasks.sft", "SFTTask"),
 }
 
 

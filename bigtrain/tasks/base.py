@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -54,6 +55,25 @@ def every_eval_sample(stream: PositionalStream) -> Iterable[Batch]:
         if not valid.all():
             batch["labels"][torch.from_numpy(~valid)] = IGNORE_INDEX
         yield batch
+
+
+def target_token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cross-entropy (fp32) summed over the target tokens (labels other than ``IGNORE_INDEX``),
+    and their count."""
+    labels = labels.reshape(-1)
+    total = F.cross_entropy(logits.float().view(-1, logits.size(-1)), labels, ignore_index=IGNORE_INDEX,
+                            reduction="sum")
+    return total, (labels != IGNORE_INDEX).sum()
+
+
+def lm_metrics(losses: list[float], weights: list[float]) -> dict[str, float]:
+    """``val_loss`` (the sources' losses weighted like the mixture), ``val_ppl``, and per source
+    ``val_loss_<k>`` when there are several."""
+    val = sum(w * v for w, v in zip(weights, losses)) / sum(weights)
+    out = {"val_loss": val, "val_ppl": math.exp(min(val, 50))}
+    if len(losses) > 1:
+        out.update({f"val_loss_{k}": v for k, v in enumerate(losses)})
+    return out
 
 
 def check_vocabulary(model: nn.Module, tokenizer_vocab: int, where: Path) -> None:
@@ -134,9 +154,9 @@ class Task:
         return dist.run_on_main(make, self.info.is_main)
 
 
-class ClassificationTask(Task):
-    """Tasks that score class logits: cross-entropy; ``val_loss`` and ``val_accuracy``. Their
-    ``prepare`` sets ``train_root`` and ``val_root`` (None: no validation set)."""
+class HeldOutSetTask(Task):
+    """Tasks trained on one prepared set and evaluated on another: their ``prepare`` sets
+    ``train_root`` and ``val_root`` (None: no validation set)."""
 
     train_root = val_root = None
 
@@ -152,6 +172,33 @@ class ClassificationTask(Task):
             return []
         stream = self.stream(self.val_root, self.cfg.train.micro_batch_size * self.info.world_size, train=False)
         return [first_eval_batches(stream, self.cfg.train.eval_batches)]
+
+
+class TargetTokenTask(Task):
+    """Tasks whose loss is the cross-entropy over target tokens (``labels`` other than
+    ``IGNORE_INDEX``), averaged over a micro-batch's targets; ``val_loss`` and ``val_ppl``."""
+
+    @staticmethod
+    def token_losses(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The summed loss of a batch's target tokens, and their count: :func:`target_token_losses`."""
+        raise NotImplementedError
+
+    @classmethod
+    def objective(cls, model, batch):
+        total, count = cls.token_losses(model, batch)
+        return total / count.clamp(min=1)
+
+    @classmethod
+    def eval_stats(cls, model, batch):
+        total, count = cls.token_losses(model, batch)
+        return torch.stack([total, count.to(total.dtype)])
+
+    def eval_metrics(self, sums):
+        return lm_metrics([float(s[0] / s[1].clamp(min=1)) for s in sums], self.cfg.data.weights)
+
+
+class ClassificationTask(HeldOutSetTask):
+    """Tasks that score class logits: cross-entropy; ``val_loss`` and ``val_accuracy``."""
 
     @staticmethod
     def logits_and_labels(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -15,7 +13,7 @@ from bigtrain.data.tokenizer import load_tokenizer
 from bigtrain.models import build_causal_lm, flops_per_token
 from bigtrain.sample import sample_text
 from bigtrain.strategies.base import causal_lm_loss
-from bigtrain.tasks.base import IGNORE_INDEX, Task, check_vocabulary
+from bigtrain.tasks.base import IGNORE_INDEX, Task, check_vocabulary, lm_metrics
 
 
 class CausalLMTask(Task):
@@ -81,13 +79,3 @@ class CausalLMTask(Task):
         entropy = self.unigram_entropy
         return [f"val loss {val_loss:.4f} nats vs unigram entropy {entropy:.4f} nats "
                 f"(gap {entropy - val_loss:.3f} nats)"]
-
-
-def lm_metrics(losses: list[float], weights: list[float]) -> dict[str, float]:
-    """``val_loss`` (the sources' losses weighted like the mixture), ``val_ppl``, and per source
-    ``val_loss_<k>`` when there are several."""
-    val = sum(w * v for w, v in zip(weights, losses)) / sum(weights)
-    out = {"val_loss": val, "val_ppl": math.exp(min(val, 50))}
-    if len(losses) > 1:
-        out.update({f"val_loss_{k}": v for k, v in enumerate(losses)})
-    return out

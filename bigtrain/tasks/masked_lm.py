@@ -9,24 +9,21 @@ of a run scores the same masked tokens.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 
-from bigtrain.data.mlm import IGNORE, MaskedLMStream
+from bigtrain.data.mlm import MaskedLMStream
 from bigtrain.models import build_masked_lm, training_flops
-from bigtrain.tasks.base import first_eval_batches
-from bigtrain.tasks.causal_lm import CausalLMTask, lm_metrics
+from bigtrain.tasks.base import TargetTokenTask, first_eval_batches, target_token_losses
+from bigtrain.tasks.causal_lm import CausalLMTask
 
 
 def _masked_token_losses(model: nn.Module, batch) -> tuple[torch.Tensor, torch.Tensor]:
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    labels = batch["labels"].reshape(-1)
-    total = F.cross_entropy(logits.float().view(-1, logits.size(-1)), labels, ignore_index=IGNORE, reduction="sum")
-    return total, (labels != IGNORE).sum()
+    return target_token_losses(logits, batch["labels"])
 
 
-class MaskedLMTask(CausalLMTask):
+class MaskedLMTask(TargetTokenTask, CausalLMTask):
     auto_class = "AutoModelForMaskedLM"
 
     def stream_kwargs(self) -> dict:
@@ -49,18 +46,7 @@ class MaskedLMTask(CausalLMTask):
         return build_masked_lm(self.cfg.model, self.sources[0].vocab_size, self.cfg.train.seq_len,
                                self.tokenizer.pad_id)
 
-    @staticmethod
-    def objective(model, batch):
-        total, count = _masked_token_losses(model, batch)
-        return total / count.clamp(min=1)
-
-    @staticmethod
-    def eval_stats(model, batch):
-        total, count = _masked_token_losses(model, batch)
-        return torch.stack([total, count.to(total.dtype)])
-
-    def eval_metrics(self, sums):
-        return lm_metrics([float(s[0] / s[1].clamp(min=1)) for s in sums], self.cfg.data.weights)
+    token_losses = staticmethod(_masked_token_losses)
 
     def flops_per_sample(self, model):
         ids = torch.zeros((1, self.cfg.train.seq_len), dtype=torch.long, device=next(model.parameters()).device)
