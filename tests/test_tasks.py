@@ -91,8 +91,9 @@ def test_resnet_learns_synthetic_images_and_exports(tmp_path, image_dir):
     out = tmp_path / "hf"
     exported = ok(run_cli("export", str(run_dir), "--to", "hf", str(out)))
     assert "AutoModelForImageClassification" in exported.stdout
-    model = AutoModelForImageClassification.from_pretrained(out).eval()
-    assert model.config.num_labels == 10
+    assert "trust_remote_code=True" in exported.stdout  # 32 px: the CIFAR stem, exported with its code
+    model = AutoModelForImageClassification.from_pretrained(out, trust_remote_code=True).eval()
+    assert model.config.num_labels == 10 and model.config.stem == "cifar"
     with torch.no_grad():
         assert model(pixel_values=torch.zeros(1, 3, 32, 32)).logits.shape == (1, 10)
 

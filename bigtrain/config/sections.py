@@ -71,6 +71,17 @@ class ModelSection(_Section):
     """ResNet only: residual blocks per stage (as many entries as model.widths)."""
     layer_type: Literal["basic", "bottleneck"] = "basic"
     """ResNet only: the residual block type."""
+    preset: Literal["resnet18", "resnet34", "resnet50"] | None = None
+    """ResNet only: torchvision's layout (stem 64; resnet18/34: basic blocks, widths 64-512, depths 2-2-2-2 /
+    3-4-6-3; resnet50: bottleneck blocks, widths 256-2048, depths 3-4-6-3) instead of model.widths/depths/layer_type."""
+    width_mult: float = Field(1.0, gt=0.0, le=16.0)
+    """ResNet only: multiplies every width (stem and stages; rounded to a multiple of 8, at least 8)."""
+    depth_mult: float = Field(1.0, gt=0.0, le=16.0)
+    """ResNet only: multiplies the blocks per stage (rounded, at least 1)."""
+    stem: Literal["auto", "cifar", "imagenet"] = "auto"
+    """ResNet only: imagenet (7x7 stride-2 convolution + max-pool: stage 1 at 1/4 of the input), cifar (3x3
+    stride-1, no pool: stage 1 at full resolution; exported with its code, reload with trust_remote_code=True),
+    or auto: cifar for images up to 32 px, imagenet above."""
     lora: LoraSection | None = None
     """Train low-rank adapters instead of every weight (needs model.pretrained), e.g. {r: 8, alpha: 16}."""
 
@@ -80,10 +91,22 @@ class ModelSection(_Section):
             raise ValueError(f"model.d_model ({self.d_model}) must be divisible by model.n_head ({self.n_head})")
         if self.n_kv_head is not None and self.n_head % self.n_kv_head:
             raise ValueError(f"model.n_head ({self.n_head}) must be divisible by model.n_kv_head ({self.n_kv_head})")
+        explicit = [key for key in ("widths", "depths", "layer_type") if key in self.model_fields_set]
+        if self.preset and explicit:
+            raise ValueError(f"model.{explicit[0]}: model.preset ({self.preset}) sets the layout; scale it with "
+                             f"model.width_mult and model.depth_mult, or drop the preset")
         if len(self.widths) != len(self.depths) or not self.widths or min(self.widths + self.depths) < 1:
             raise ValueError(f"model.widths {self.widths} and model.depths {self.depths}: one positive entry per "
                              f"ResNet stage, same length")
         return self
+
+    @model_serializer(mode="wrap")
+    def _preset_layout(self, handler):
+        data = handler(self)
+        if self.preset:  # the preset is the layout (a saved config.yaml must validate again)
+            for key in ("widths", "depths", "layer_type"):
+                data.pop(key, None)
+        return data
 
 
 class TokenizerSection(_Section):

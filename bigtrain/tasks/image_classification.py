@@ -36,8 +36,9 @@ class ImageClassificationTask(ClassificationTask):
                            shuffle_buffer=cfg.data.shuffle_buffer, normalize_with=self.train_root)
 
     def build_model(self) -> nn.Module:
-        _, channels, _, _ = self.manifest["shape"]
-        return build_resnet(self.cfg.model, channels, self.manifest["num_classes"])
+        _, channels, h, w = self.manifest["shape"]
+        return build_resnet(self.cfg.model, channels, self.manifest["num_classes"], min(h, w),
+                            self.manifest.get("classes"))
 
     def flops_per_sample(self, model):
         _, c, h, w = self.manifest["shape"]
