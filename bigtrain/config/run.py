@@ -83,10 +83,13 @@ class RunConfig(_Section):
         images = not self.text_task
         if self.data.download and (self.data.download in IMAGE_DOWNLOADS) != images:
             raise ValueError(f"data.download: '{self.data.download}' is not data for task '{self.task}'")
-        image_keys = [k for k, on in (("flip", not self.data.flip), ("image_size", self.data.image_size is not None))
-                      if on]
+        d = self.data
+        image_keys = [k for k, on in (("flip", not d.flip), ("mixup_alpha", d.mixup_alpha), ("cutmix_alpha",
+                                      d.cutmix_alpha), ("image_size", d.image_size is not None)) if on]
         if image_keys and not images:
             raise ValueError(f"data.{image_keys[0]}: only for image_classification (task is '{self.task}')")
+        if self.train.label_smoothing and "val_accuracy" not in TASK_METRICS[self.task]:
+            raise ValueError(f"train.label_smoothing: only for classification tasks (task is '{self.task}')")
         if images and self.data.sources is not None:
             raise ValueError("data.sources: mixtures are for text tasks; image_classification reads data.path")
         if images and not isinstance(self.data.path, str):

@@ -186,6 +186,12 @@ class DataSection(_Section):
     """image_classification: random crop (reflect padding) and horizontal flip of training images."""
     flip: bool = True
     """image_classification: the augmentation's horizontal flip (false for digits and text)."""
+    mixup_alpha: float = Field(0.0, ge=0.0)
+    """image_classification: mixup of each training image with a random other one, weight ~ Beta(alpha, alpha),
+    soft targets (0: off)."""
+    cutmix_alpha: float = Field(0.0, ge=0.0)
+    """image_classification: cutmix (a box of another training image pasted in, area share ~ Beta(alpha, alpha)),
+    soft targets (0: off); with mixup too, each image takes one of the two."""
     image_size: int | None = Field(None, ge=1)
     """image_classification, image folders: resize every image to this square size; default: every image must
     have the first one's size."""
@@ -233,6 +239,9 @@ class TrainSection(_Section):
     """torch.compile the model (per block under FSDP; not with strategy.name=deepspeed)."""
     grad_clip: float = Field(1.0, ge=0.0)
     """Clip the gradient norm to this; 0 disables clipping."""
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    """Classification tasks: the training loss's targets are (1 - x) x the label + x / classes (evaluation is
+    unsmoothed)."""
     sample_tokens: int = Field(64, ge=0)
     """Tokens of text sampled from the model at the end (0: none)."""
     sample_prompt: str = "\n"

@@ -13,8 +13,9 @@ directory, the manifest last, renamed into place).
 :func:`write_synthetic` generates learnable labelled images of any resolution, in chunks, for
 throughput scaling; :mod:`bigtrain.data.image_sources` writes MNIST and converts folders of image
 files. :class:`ImageStream` reads a set in the global sample order of :mod:`bigtrain.data.stream`;
-its augmentation (random crop after padding, horizontal flip) draws from (seed, position), so a
-resumed or resharded run sees exactly the same images.
+its augmentation (random crop after padding, horizontal flip, mixup and cutmix: see
+:mod:`bigtrain.data.mixing`) draws from (seed, position), so a resumed or resharded run sees exactly
+the same images.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import torch
 
 from bigtrain.data.cache import build_set, file_entry
 from bigtrain.data.errors import DataError
+from bigtrain.data.mixing import mix, soft_targets
 from bigtrain.data.order import SampleOrder
 from bigtrain.data.shards import MANIFEST, check_files, load_manifest
 from bigtrain.data.stream import PositionalStream
@@ -153,14 +155,19 @@ def open_images(root: str | Path, verify: str = "size") -> dict[str, Any]:
 
 class ImageStream(PositionalStream):
     """Normalized, optionally augmented image batches: ``images`` (float32), ``labels``, ``sample``,
-    ``position``."""
+    ``position``; with mixup or cutmix also ``targets`` (float32 ``[batch, classes]`` soft labels)."""
 
     def __init__(self, root: str | Path, global_batch: int, micro_batch: int, rank: int = 0, world_size: int = 1,
                  seed: int = 0, augment: bool = True, crop_padding: int | None = None, flip: bool = True,
-                 shuffle: bool = True, shuffle_buffer: int = 16384, normalize_with: str | Path | None = None):
+                 shuffle: bool = True, shuffle_buffer: int = 16384, normalize_with: str | Path | None = None,
+                 mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0):
         """``normalize_with``: another set (e.g. the train set, for a val stream) whose per-channel
-        mean/std normalize this one; default: this set's own."""
+        mean/std normalize this one; default: this set's own. ``mixup_alpha``, ``cutmix_alpha``:
+        see :mod:`bigtrain.data.mixing` (0: off)."""
         super().__init__(global_batch, micro_batch, rank, world_size)
+        if min(mixup_alpha, cutmix_alpha) < 0:
+            raise ValueError(f"mixup_alpha ({mixup_alpha}) and cutmix_alpha ({cutmix_alpha}) must be >= 0")
+        self.mixup_alpha, self.cutmix_alpha = float(mixup_alpha), float(cutmix_alpha)
         self.root = Path(root)
         self.manifest = open_images(self.root)
         n, _, h, w = self.manifest["shape"]
@@ -187,12 +194,17 @@ class ImageStream(PositionalStream):
 
     def fingerprint(self) -> dict[str, Any]:
         files = self.manifest["files"]
+        mixing = {k: v for k, v in (("mixup_alpha", self.mixup_alpha), ("cutmix_alpha", self.cutmix_alpha)) if v}
         return {"images": files["images.npy"]["sha256"], "labels": files["labels.npy"]["sha256"], "seed": self.seed,
                 "augment": self.augment, "pad": self.pad, "flip": self.flip, "shuffle": self.order.shuffle,
-                "shuffle_buffer": self.order.shuffle_buffer, "normalize_mean": self.mean.flatten().tolist()}
+                "shuffle_buffer": self.order.shuffle_buffer, "normalize_mean": self.mean.flatten().tolist(), **mixing}
 
-    def _augmented(self, image: np.ndarray, position: int) -> np.ndarray:
-        rng = np.random.Generator(np.random.PCG64([self.seed, int(position), 3]))
+    def _rng(self, position: int, stream: int) -> np.random.Generator:
+        """The random stream ``stream`` of the sample at ``position`` (3: crop/flip, 4: mixing, 5:
+        the mixing partner's crop/flip)."""
+        return np.random.Generator(np.random.PCG64([self.seed, int(position), stream]))
+
+    def _augmented(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         _, h, w = image.shape
         padded = np.pad(image, ((0, 0), (self.pad, self.pad), (self.pad, self.pad)), mode="reflect")
         top, left = rng.integers(0, 2 * self.pad + 1, size=2)
@@ -207,8 +219,23 @@ class ImageStream(PositionalStream):
                             np.load(self.root / "labels.npy", mmap_mode="r"))
         images, labels = self._arrays
         ids = [self.order.sample_at(int(p)) for p in positions]
-        rows = [self._augmented(images[i], p) if self.augment else images[i] for i, p in zip(ids, positions)]
-        x = torch.from_numpy(np.stack(rows).astype(np.float32) / 255.0)
-        return {"images": (x - self.mean) / self.std, "labels": torch.from_numpy(np.asarray(labels[ids],
-                                                                                            dtype=np.int64)),
-                "sample": torch.tensor(ids), "position": torch.from_numpy(np.asarray(positions))}
+        rows = [self._augmented(images[i], self._rng(p, 3)) if self.augment else images[i]
+                for i, p in zip(ids, positions)]
+        x = np.stack(rows).astype(np.float32) / 255.0
+        own = np.asarray(labels[ids], dtype=np.int64)
+        batch = {"labels": torch.from_numpy(own), "sample": torch.tensor(ids),
+                 "position": torch.from_numpy(np.asarray(positions))}
+        if self.mixup_alpha or self.cutmix_alpha:
+            partners, lams = np.zeros(len(ids), dtype=np.int64), np.zeros(len(ids), dtype=np.float32)
+            for k, p in enumerate(positions):
+                rng = self._rng(p, 4)
+                partners[k] = rng.integers(len(labels))
+                partner = images[partners[k]]
+                if self.augment:
+                    partner = self._augmented(partner, self._rng(p, 5))
+                x[k], lams[k] = mix(x[k], partner.astype(np.float32) / 255.0, rng, self.mixup_alpha,
+                                    self.cutmix_alpha)
+            targets = soft_targets(own, np.asarray(labels[partners], dtype=np.int64), lams,
+                                   self.manifest["num_classes"])
+            batch["targets"] = torch.from_numpy(targets)
+        return {"images": (torch.from_numpy(x) - self.mean) / self.std, **batch}

@@ -4,9 +4,10 @@
 (``bigtrain/data/images.py``: uint8 arrays + manifest), written by
 ``data.download: digits|synthetic-images|mnist`` when missing, or class folders of image files
 converted once into cached sets (``bigtrain/data/image_sources.py``). Training images are augmented
-(random crop with reflect padding, flip: ``data.augment``, ``data.flip``) from (seed, position);
-every split is normalized with the train set's per-channel statistics. A ``test/`` set is evaluated
-beside ``val/`` (``test_loss``, ``test_accuracy``).
+(random crop with reflect padding, flip: ``data.augment``, ``data.flip``; mixup and cutmix:
+``data.mixup_alpha``, ``data.cutmix_alpha``, soft targets) from (seed, position); evaluation uses
+the hard labels. Every split is normalized with the train set's per-channel statistics. A ``test/``
+set is evaluated beside ``val/`` (``test_loss``, ``test_accuracy``).
 """
 
 from __future__ import annotations
@@ -38,7 +39,9 @@ class ImageClassificationTask(ClassificationTask):
         cfg, info = self.cfg, self.info
         return ImageStream(root, global_batch, cfg.train.micro_batch_size, info.rank, info.world_size, cfg.seed,
                            augment=train and cfg.data.augment, flip=cfg.data.flip, shuffle=train and cfg.data.shuffle,
-                           shuffle_buffer=cfg.data.shuffle_buffer, normalize_with=self.train_root)
+                           shuffle_buffer=cfg.data.shuffle_buffer, normalize_with=self.train_root,
+                           mixup_alpha=cfg.data.mixup_alpha if train else 0.0,
+                           cutmix_alpha=cfg.data.cutmix_alpha if train else 0.0)
 
     def eval_sets(self):
         sets = super().eval_sets()
