@@ -78,3 +78,24 @@ def test_cifar_stem_exports_with_its_code_and_reloads_without_bigtrain(tmp_path)
     assert proc.returncode == 0, proc.stderr
     name, stem, diff = proc.stdout.split()
     assert (name, stem) == ("StemResNetForImageClassification", "cifar") and float(diff) < 1e-5
+
+
+def test_sync_batchnorm_keeps_the_state_dict_and_is_refused_under_deepspeed():
+    from bigtrain.models.sync_batchnorm import SyncBatchNorm, convert_sync_batchnorm
+
+    torch.manual_seed(0)
+    plain = resnet(widths=[8, 16], depths=[1, 1])
+    torch.manual_seed(0)
+    synced = convert_sync_batchnorm(resnet(widths=[8, 16], depths=[1, 1]), torch.device("cpu"))
+    assert any(isinstance(m, SyncBatchNorm) for m in synced.modules())
+    assert not any(type(m) is torch.nn.BatchNorm2d for m in synced.modules())
+    want = plain.state_dict()
+    assert synced.state_dict().keys() == want.keys()
+    assert all(torch.equal(v, want[k]) for k, v in synced.state_dict().items())
+    x = torch.randn(4, 3, 32, 32)
+    assert torch.equal(synced(pixel_values=x).logits, plain(pixel_values=x).logits)  # one process: plain BatchNorm
+    assert torch.equal(synced.resnet.embedder.embedder.normalization.running_mean,
+                       plain.resnet.embedder.embedder.normalization.running_mean)
+    with pytest.raises(ConfigError, match="model.sync_batchnorm: for strategy.name ddp or fsdp"):
+        validate({"task": "image_classification", "model": {"name": "resnet", "sync_batchnorm": True},
+                  "data": {"path": "x"}, "strategy": {"name": "deepspeed"}})

@@ -116,6 +116,29 @@ def test_resnet_engines_on_two_ranks(tmp_path, image_dir):
             assert got[step] == pytest.approx(single[step], abs=0.05), (name, step, single[step], got[step])
 
 
+@pytest.mark.dist
+@pytest.mark.slow
+def test_sync_batchnorm_on_two_ranks_equals_one_process_over_their_union(image_dir):
+    """With sync_batchnorm, 2 ranks x micro-batch 16 (no accumulation: the two concurrent micro-batches
+    are positions 0-31 of each step) normalize like one process with micro-batch 32: the same losses.
+    With accumulation the concurrent micro-batches are no 1-process micro-batch (rank 1's starts
+    half a global batch later), and without sync each rank normalizes over its own 16."""
+    one = ["train.max_steps=4", "train.micro_batch_size=32", "train.eval_every=4"]
+    ok(run_cli(*images(image_dir / "union", *one)))
+    ref = losses(image_dir / "union" / "run")
+    two = ["train.max_steps=4", "train.eval_every=4", "--nproc", "2"]
+    for name, engine in (("sync-ddp", ["strategy.name=ddp"]), ("sync-fsdp", ["strategy.name=fsdp"])):
+        ok(run_cli(*images(image_dir / name, *two, *engine, "model.sync_batchnorm=true")))
+        got = losses(image_dir / name / "run")
+        for step in ref:
+            assert got[step] == pytest.approx(ref[step], abs=1e-5), (name, step, ref[step], got[step])
+        val = [read_jsonl(image_dir / n / "run" / "eval.jsonl")[-1]["val_loss"] for n in ("union", name)]
+        assert val[1] == pytest.approx(val[0], abs=1e-4), (name, val)  # the running statistics agree too
+    ok(run_cli(*images(image_dir / "own-bn", *two, "strategy.name=ddp")))
+    got = losses(image_dir / "own-bn" / "run")
+    assert max(abs(got[step] - ref[step]) for step in ref) > 1e-4  # per-rank statistics: not the same run
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["model.name=bert"], "model.name: 'bert' cannot train task 'causal_lm' (expected gpt2 or llama)"),
     (["task=image_classification", "model.name=resnet"], "data.download: 'shakespeare' is not data for task"),

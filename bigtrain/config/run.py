@@ -90,6 +90,9 @@ class RunConfig(_Section):
             raise ValueError(f"data.{image_keys[0]}: only for image_classification (task is '{self.task}')")
         if self.train.label_smoothing and "val_accuracy" not in TASK_METRICS[self.task]:
             raise ValueError(f"train.label_smoothing: only for classification tasks (task is '{self.task}')")
+        if self.model.sync_batchnorm and self.strategy.name == "deepspeed":
+            raise ValueError("model.sync_batchnorm: for strategy.name ddp or fsdp (deepspeed keeps each rank's "
+                             "BatchNorm statistics)")
         if images and self.data.sources is not None:
             raise ValueError("data.sources: mixtures are for text tasks; image_classification reads data.path")
         if images and not isinstance(self.data.path, str):

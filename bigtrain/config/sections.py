@@ -82,6 +82,9 @@ class ModelSection(_Section):
     """ResNet only: imagenet (7x7 stride-2 convolution + max-pool: stage 1 at 1/4 of the input), cifar (3x3
     stride-1, no pool: stage 1 at full resolution; exported with its code, reload with trust_remote_code=True),
     or auto: cifar for images up to 32 px, imagenet above."""
+    sync_batchnorm: bool = False
+    """ResNet only: under ddp or fsdp, BatchNorm statistics over all ranks' concurrent micro-batches (SyncBatchNorm)
+    instead of each rank's own; no effect on one process."""
     lora: LoraSection | None = None
     """Train low-rank adapters instead of every weight (needs model.pretrained), e.g. {r: 8, alpha: 16}."""
 

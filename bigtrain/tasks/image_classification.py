@@ -7,7 +7,8 @@ converted once into cached sets (``bigtrain/data/image_sources.py``). Training i
 (random crop with reflect padding, flip: ``data.augment``, ``data.flip``; mixup and cutmix:
 ``data.mixup_alpha``, ``data.cutmix_alpha``, soft targets) from (seed, position); evaluation uses
 the hard labels. Every split is normalized with the train set's per-channel statistics. A ``test/``
-set is evaluated beside ``val/`` (``test_loss``, ``test_accuracy``).
+set is evaluated beside ``val/`` (``test_loss``, ``test_accuracy``). ``model.sync_batchnorm``: see
+:mod:`bigtrain.models.sync_batchnorm`.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from torch import nn
 
 from bigtrain.data.images import ImageStream, image_splits, open_images
 from bigtrain.models import build_resnet, training_flops
+from bigtrain.models.sync_batchnorm import convert_sync_batchnorm
 from bigtrain.tasks.base import ClassificationTask, first_eval_batches
 
 
@@ -59,8 +61,11 @@ class ImageClassificationTask(ClassificationTask):
 
     def build_model(self) -> nn.Module:
         _, channels, h, w = self.manifest["shape"]
-        return build_resnet(self.cfg.model, channels, self.manifest["num_classes"], min(h, w),
-                            self.manifest.get("classes"))
+        model = build_resnet(self.cfg.model, channels, self.manifest["num_classes"], min(h, w),
+                             self.manifest.get("classes"))
+        if self.cfg.model.sync_batchnorm and self.info.world_size > 1:
+            model = convert_sync_batchnorm(model, self.info.device)
+        return model
 
     def flops_per_sample(self, model):
         _, c, h, w = self.manifest["shape"]
