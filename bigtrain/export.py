@@ -244,6 +244,8 @@ def export_hf(run_dir: Path, out: Path, step: int | None = None, force: bool = F
     else:
         reloaded = getattr(transformers, auto_class).from_pretrained(out, local_files_only=True).eval()
         how = auto_class + (" (LoRA adapters merged)" if cfg.model.lora is not None else "")
+        if getattr(reloaded.config, "auto_map", None):  # e.g. the CIFAR-stem ResNet: its code is in OUT
+            how += ".from_pretrained(OUT, trust_remote_code=True)"
     with torch.no_grad():
         diff = (reloaded(**inputs).logits - reference).abs().max().item()
     log(f"exported {ckpt} ({cfg.task}, {manifest['strategy']}, {manifest['world_size']} ranks) -> {out}; "

@@ -99,8 +99,8 @@ def check_data_path(cfg: RunConfig, base: Path | None = None) -> None:
         elif not path.exists():
             raise ConfigError(f"{key}: {item} does not exist")
         elif not cfg.text_task and not (path / "train").is_dir():
-            raise ConfigError(f"data.path: {item} has no train/ image set (expected train/ and val/ "
-                              f"directories; or set data.download)")
+            raise ConfigError(f"data.path: {item} has no train/ directory (an image set, or train/<class>/ "
+                              f"folders of images; or set data.download)")
 
 
 def make_plan(cfg: RunConfig, nodes: int | None = None, procs_per_node: int | None = None,

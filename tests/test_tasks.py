@@ -91,8 +91,9 @@ def test_resnet_learns_synthetic_images_and_exports(tmp_path, image_dir):
     out = tmp_path / "hf"
     exported = ok(run_cli("export", str(run_dir), "--to", "hf", str(out)))
     assert "AutoModelForImageClassification" in exported.stdout
-    model = AutoModelForImageClassification.from_pretrained(out).eval()
-    assert model.config.num_labels == 10
+    assert "trust_remote_code=True" in exported.stdout  # 32 px: the CIFAR stem, exported with its code
+    model = AutoModelForImageClassification.from_pretrained(out, trust_remote_code=True).eval()
+    assert model.config.num_labels == 10 and model.config.stem == "cifar"
     with torch.no_grad():
         assert model(pixel_values=torch.zeros(1, 3, 32, 32)).logits.shape == (1, 10)
 
@@ -115,6 +116,29 @@ def test_resnet_engines_on_two_ranks(tmp_path, image_dir):
             assert got[step] == pytest.approx(single[step], abs=0.05), (name, step, single[step], got[step])
 
 
+@pytest.mark.dist
+@pytest.mark.slow
+def test_sync_batchnorm_on_two_ranks_equals_one_process_over_their_union(image_dir):
+    """With sync_batchnorm, 2 ranks x micro-batch 16 (no accumulation: the two concurrent micro-batches
+    are positions 0-31 of each step) normalize like one process with micro-batch 32: the same losses.
+    With accumulation the concurrent micro-batches are no 1-process micro-batch (rank 1's starts
+    half a global batch later), and without sync each rank normalizes over its own 16."""
+    one = ["train.max_steps=4", "train.micro_batch_size=32", "train.eval_every=4"]
+    ok(run_cli(*images(image_dir / "union", *one)))
+    ref = losses(image_dir / "union" / "run")
+    two = ["train.max_steps=4", "train.eval_every=4", "--nproc", "2"]
+    for name, engine in (("sync-ddp", ["strategy.name=ddp"]), ("sync-fsdp", ["strategy.name=fsdp"])):
+        ok(run_cli(*images(image_dir / name, *two, *engine, "model.sync_batchnorm=true")))
+        got = losses(image_dir / name / "run")
+        for step in ref:
+            assert got[step] == pytest.approx(ref[step], abs=1e-5), (name, step, ref[step], got[step])
+        val = [read_jsonl(image_dir / n / "run" / "eval.jsonl")[-1]["val_loss"] for n in ("union", name)]
+        assert val[1] == pytest.approx(val[0], abs=1e-4), (name, val)  # the running statistics agree too
+    ok(run_cli(*images(image_dir / "own-bn", *two, "strategy.name=ddp")))
+    got = losses(image_dir / "own-bn" / "run")
+    assert max(abs(got[step] - ref[step]) for step in ref) > 1e-4  # per-rank statistics: not the same run
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["model.name=bert"], "model.name: 'bert' cannot train task 'causal_lm' (expected gpt2 or llama)"),
     (["task=image_classification", "model.name=resnet"], "data.download: 'shakespeare' is not data for task"),
@@ -131,7 +155,7 @@ def test_image_errors_before_training(tmp_path):
     empty.mkdir()
     proc = run_cli("train", str(ROOT / "configs" / "resnet-tiny.yaml"), f"data.path={empty}", "data.download=null")
     assert proc.returncode == 2
-    assert f"data.path: {empty} has no train/ image set" in proc.stderr, proc.stderr
+    assert f"data.path: {empty} has no train/ directory" in proc.stderr, proc.stderr
     proc = run_cli("train", str(ROOT / "configs" / "resnet-tiny.yaml"), "data.path=[a,b]")
     assert proc.returncode == 2 and "data.path: image_classification needs one directory" in proc.stderr, proc.stderr
     proc = run_cli("train", str(ROOT / "configs" / "resnet-tiny.yaml"), "strategy.activation_checkpointing=true")

@@ -23,6 +23,7 @@ from bigtrain.config.sections import (
     TrainSection,
 )
 
+IMAGE_DOWNLOADS = ("digits", "synthetic-images", "mnist")  # data.download values for image_classification
 TASK_MODELS = {  # what each task trains, and on which models
     "causal_lm": ("gpt2", "llama"),  # next-token prediction on packed text
     "masked_lm": ("bert",),  # BERT pretraining: masked tokens of packed text
@@ -83,8 +84,18 @@ class RunConfig(_Section):
             raise ValueError(f"model.name: '{self.model.name}' cannot train task '{self.task}' "
                              f"(expected {' or '.join(models)})")
         images = not self.text_task
-        if self.data.download and (self.data.download in ("digits", "synthetic-images")) != images:
+        if self.data.download and (self.data.download in IMAGE_DOWNLOADS) != images:
             raise ValueError(f"data.download: '{self.data.download}' is not data for task '{self.task}'")
+        d = self.data
+        image_keys = [k for k, on in (("flip", not d.flip), ("mixup_alpha", d.mixup_alpha), ("cutmix_alpha",
+                                      d.cutmix_alpha), ("image_size", d.image_size is not None)) if on]
+        if image_keys and not images:
+            raise ValueError(f"data.{image_keys[0]}: only for image_classification (task is '{self.task}')")
+        if self.train.label_smoothing and "val_accuracy" not in TASK_METRICS[self.task]:
+            raise ValueError(f"train.label_smoothing: only for classification tasks (task is '{self.task}')")
+        if self.model.sync_batchnorm and self.strategy.name == "deepspeed":
+            raise ValueError("model.sync_batchnorm: for strategy.name ddp or fsdp (deepspeed keeps each rank's "
+                             "BatchNorm statistics)")
         if images and self.data.sources is not None:
             raise ValueError("data.sources: mixtures are for text tasks; image_classification reads data.path")
         if images and not isinstance(self.data.path, str):

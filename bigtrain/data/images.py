@@ -4,15 +4,18 @@ An image set is a directory::
 
     images.npy     uint8, N x C x H x W (memory-mapped when read)
     labels.npy     int64, N
-    manifest.json  format, shape, classes, per-channel mean/std, sizes and sha256 of both files
+    manifest.json  format, shape, num_classes (and class names), per-channel mean/std, sizes and
+                   sha256 of both files
 
 built like token shards and record sets (:func:`bigtrain.data.cache.build_set`: a temporary
 directory, the manifest last, renamed into place).
 :func:`write_digits` stores scikit-learn's 8x8 digits (shipped inside the package);
 :func:`write_synthetic` generates learnable labelled images of any resolution, in chunks, for
-throughput scaling. :class:`ImageStream` reads a set in the global sample order of
-:mod:`bigtrain.data.stream`; its augmentation (random crop after padding, horizontal flip) draws
-from (seed, position), so a resumed or resharded run sees exactly the same images.
+throughput scaling; :mod:`bigtrain.data.image_sources` writes MNIST and converts folders of image
+files. :class:`ImageStream` reads a set in the global sample order of :mod:`bigtrain.data.stream`;
+its augmentation (random crop after padding, horizontal flip, mixup and cutmix: see
+:mod:`bigtrain.data.mixing`) draws from (seed, position), so a resumed or resharded run sees exactly
+the same images.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import torch
 
 from bigtrain.data.cache import build_set, file_entry
 from bigtrain.data.errors import DataError
+from bigtrain.data.mixing import mix, soft_targets
 from bigtrain.data.order import SampleOrder
 from bigtrain.data.shards import MANIFEST, check_files, load_manifest
 from bigtrain.data.stream import PositionalStream
@@ -32,8 +36,10 @@ from bigtrain.data.stream import PositionalStream
 FORMAT = "bigtrain-images/1"
 
 
-def _manifest(tmp: Path, num_classes: int, source: str) -> dict[str, Any]:
-    """Stats, sizes and checksums of the arrays in ``tmp``: the manifest of the set."""
+def set_manifest(tmp: Path, classes: int | list[str], source: str) -> dict[str, Any]:
+    """Stats, sizes and checksums of the arrays in ``tmp``: the manifest of the set (``classes``:
+    their number, or their names)."""
+    num_classes = classes if isinstance(classes, int) else len(classes)
     images = np.load(tmp / "images.npy", mmap_mode="r")
     sums = np.zeros(images.shape[1])
     sq = np.zeros(images.shape[1])
@@ -46,7 +52,8 @@ def _manifest(tmp: Path, num_classes: int, source: str) -> dict[str, Any]:
     std = np.sqrt(np.maximum(sq / count - mean ** 2, 1e-12))
     return {"format": FORMAT, "shape": list(images.shape), "num_classes": num_classes,
             "mean": mean.tolist(), "std": std.tolist(),
-            "files": {name: file_entry(tmp / name) for name in ("images.npy", "labels.npy")}, "source": source}
+            "files": {name: file_entry(tmp / name) for name in ("images.npy", "labels.npy")}, "source": source,
+            **({} if isinstance(classes, int) else {"classes": list(classes)})}
 
 
 def write_digits(out_dir: str | Path, split: str = "train") -> Path:
@@ -60,7 +67,7 @@ def write_digits(out_dir: str | Path, split: str = "train") -> Path:
     def write(tmp: Path) -> dict[str, Any]:
         np.save(tmp / "images.npy", images)
         np.save(tmp / "labels.npy", digits.target[keep].astype(np.int64))
-        return _manifest(tmp, 10, f"sklearn.datasets.load_digits ({split})")
+        return set_manifest(tmp, [str(d) for d in range(10)], f"sklearn.datasets.load_digits ({split})")
 
     build_set(Path(out_dir), write, replace=True)
     return Path(out_dir)
@@ -94,7 +101,7 @@ def write_synthetic(out_dir: str | Path, n: int, resolution: int, channels: int 
         images.flush()
         del images
         np.save(tmp / "labels.npy", labels)
-        return _manifest(tmp, num_classes, f"synthetic (n={n}, {resolution}x{resolution}, seed={seed})")
+        return set_manifest(tmp, num_classes, f"synthetic (n={n}, {resolution}x{resolution}, seed={seed})")
 
     build_set(Path(out_dir), write, replace=True)
     return Path(out_dir)
@@ -103,23 +110,31 @@ def write_synthetic(out_dir: str | Path, n: int, resolution: int, channels: int 
 SYNTHETIC = {"train": 4096, "val": 512}  # data.download: synthetic-images (32x32 RGB, 10 classes)
 
 
-def image_splits(root: str | Path, download: str | None = None, log=print) -> dict[str, Path]:
-    """The ``train`` (and ``val``, if present) image sets under ``root``, written first by
-    ``download`` (``digits`` or ``synthetic-images``) when ``root`` has no train set yet."""
+def image_splits(root: str | Path, download: str | None = None, log=print, cache_dir: str | Path | None = None,
+                 val_fraction: float = 0.1, image_size: int | None = None) -> dict[str, Path]:
+    """The ``train`` (and ``val``, ``test``, if present) image sets under ``root``: written first
+    by ``download`` (``digits``, ``synthetic-images``, ``mnist``) when ``root`` has no train set
+    yet; or converted from class folders (``root/train/<class>/*.png``; cached, see
+    :func:`bigtrain.data.image_sources.folder_splits`)."""
+    from bigtrain.data import image_sources
+
     root = Path(root)
     if download and not (root / "train" / MANIFEST).is_file():
         log(f"data: writing {download} image sets into {root}")
-        for k, split in enumerate(("train", "val")):
+        if download == "mnist":
+            image_sources.write_mnist(root)
+        for k, split in reversed(list(enumerate(("train", "val")))):  # train last: its manifest means done
             if download == "digits":
                 write_digits(root / split, split)
-            else:
+            elif download == "synthetic-images":
                 write_synthetic(root / split, SYNTHETIC[split], 32, seed=k, class_seed=0)
     if not (root / "train").is_dir():
-        raise DataError(f"data.path: {root} has no train/ image set (expected train/ and val/ directories of "
-                        f"images.npy, labels.npy, manifest.json; or set data.download)")
-    splits = {"train": root / "train"}
-    if (root / "val").is_dir():
-        splits["val"] = root / "val"
+        raise DataError(f"data.path: {root} has no train/ directory (an image set of images.npy, labels.npy and "
+                        f"manifest.json, or train/<class>/ folders of images; or set data.download)")
+    if image_sources.is_image_folder(root / "train"):
+        splits = image_sources.folder_splits(root, cache_dir, val_fraction, image_size, log)
+    else:
+        splits = {name: root / name for name in ("train", "val", "test") if (root / name).is_dir()}
     for path in splits.values():
         open_images(path)
     return splits
@@ -140,14 +155,19 @@ def open_images(root: str | Path, verify: str = "size") -> dict[str, Any]:
 
 class ImageStream(PositionalStream):
     """Normalized, optionally augmented image batches: ``images`` (float32), ``labels``, ``sample``,
-    ``position``."""
+    ``position``; with mixup or cutmix also ``targets`` (float32 ``[batch, classes]`` soft labels)."""
 
     def __init__(self, root: str | Path, global_batch: int, micro_batch: int, rank: int = 0, world_size: int = 1,
                  seed: int = 0, augment: bool = True, crop_padding: int | None = None, flip: bool = True,
-                 shuffle: bool = True, shuffle_buffer: int = 16384, normalize_with: str | Path | None = None):
+                 shuffle: bool = True, shuffle_buffer: int = 16384, normalize_with: str | Path | None = None,
+                 mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0):
         """``normalize_with``: another set (e.g. the train set, for a val stream) whose per-channel
-        mean/std normalize this one; default: this set's own."""
+        mean/std normalize this one; default: this set's own. ``mixup_alpha``, ``cutmix_alpha``:
+        see :mod:`bigtrain.data.mixing` (0: off)."""
         super().__init__(global_batch, micro_batch, rank, world_size)
+        if min(mixup_alpha, cutmix_alpha) < 0:
+            raise ValueError(f"mixup_alpha ({mixup_alpha}) and cutmix_alpha ({cutmix_alpha}) must be >= 0")
+        self.mixup_alpha, self.cutmix_alpha = float(mixup_alpha), float(cutmix_alpha)
         self.root = Path(root)
         self.manifest = open_images(self.root)
         n, _, h, w = self.manifest["shape"]
@@ -174,12 +194,17 @@ class ImageStream(PositionalStream):
 
     def fingerprint(self) -> dict[str, Any]:
         files = self.manifest["files"]
+        mixing = {k: v for k, v in (("mixup_alpha", self.mixup_alpha), ("cutmix_alpha", self.cutmix_alpha)) if v}
         return {"images": files["images.npy"]["sha256"], "labels": files["labels.npy"]["sha256"], "seed": self.seed,
                 "augment": self.augment, "pad": self.pad, "flip": self.flip, "shuffle": self.order.shuffle,
-                "shuffle_buffer": self.order.shuffle_buffer, "normalize_mean": self.mean.flatten().tolist()}
+                "shuffle_buffer": self.order.shuffle_buffer, "normalize_mean": self.mean.flatten().tolist(), **mixing}
 
-    def _augmented(self, image: np.ndarray, position: int) -> np.ndarray:
-        rng = np.random.Generator(np.random.PCG64([self.seed, int(position), 3]))
+    def _rng(self, position: int, stream: int) -> np.random.Generator:
+        """The random stream ``stream`` of the sample at ``position`` (3: crop/flip, 4: mixing, 5:
+        the mixing partner's crop/flip)."""
+        return np.random.Generator(np.random.PCG64([self.seed, int(position), stream]))
+
+    def _augmented(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         _, h, w = image.shape
         padded = np.pad(image, ((0, 0), (self.pad, self.pad), (self.pad, self.pad)), mode="reflect")
         top, left = rng.integers(0, 2 * self.pad + 1, size=2)
@@ -194,8 +219,23 @@ class ImageStream(PositionalStream):
                             np.load(self.root / "labels.npy", mmap_mode="r"))
         images, labels = self._arrays
         ids = [self.order.sample_at(int(p)) for p in positions]
-        rows = [self._augmented(images[i], p) if self.augment else images[i] for i, p in zip(ids, positions)]
-        x = torch.from_numpy(np.stack(rows).astype(np.float32) / 255.0)
-        return {"images": (x - self.mean) / self.std, "labels": torch.from_numpy(np.asarray(labels[ids],
-                                                                                            dtype=np.int64)),
-                "sample": torch.tensor(ids), "position": torch.from_numpy(np.asarray(positions))}
+        rows = [self._augmented(images[i], self._rng(p, 3)) if self.augment else images[i]
+                for i, p in zip(ids, positions)]
+        x = np.stack(rows).astype(np.float32) / 255.0
+        own = np.asarray(labels[ids], dtype=np.int64)
+        batch = {"labels": torch.from_numpy(own), "sample": torch.tensor(ids),
+                 "position": torch.from_numpy(np.asarray(positions))}
+        if self.mixup_alpha or self.cutmix_alpha:
+            partners, lams = np.zeros(len(ids), dtype=np.int64), np.zeros(len(ids), dtype=np.float32)
+            for k, p in enumerate(positions):
+                rng = self._rng(p, 4)
+                partners[k] = rng.integers(len(labels))
+                partner = images[partners[k]]
+                if self.augment:
+                    partner = self._augmented(partner, self._rng(p, 5))
+                x[k], lams[k] = mix(x[k], partner.astype(np.float32) / 255.0, rng, self.mixup_alpha,
+                                    self.cutmix_alpha)
+            targets = soft_targets(own, np.asarray(labels[partners], dtype=np.int64), lams,
+                                   self.manifest["num_classes"])
+            batch["targets"] = torch.from_numpy(targets)
+        return {"images": (torch.from_numpy(x) - self.mean) / self.std, **batch}

@@ -198,16 +198,20 @@ class TargetTokenTask(Task):
 
 
 class ClassificationTask(HeldOutSetTask):
-    """Tasks that score class logits: cross-entropy; ``val_loss`` and ``val_accuracy``."""
+    """Tasks that score class logits: cross-entropy (soft targets, label smoothing); ``val_loss`` and
+    ``val_accuracy`` (hard labels, unsmoothed)."""
 
     @staticmethod
     def logits_and_labels(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """fp32 logits ``[batch, classes]`` and the labels of a micro-batch."""
         raise NotImplementedError
 
-    @classmethod
-    def objective(cls, model, batch):
-        return F.cross_entropy(*cls.logits_and_labels(model, batch))
+    def objective(self, model, batch):
+        """Cross-entropy against the labels, or against the soft ``targets`` where the batch has them
+        (mixup, cutmix), smoothed by ``train.label_smoothing``."""
+        logits, labels = self.logits_and_labels(model, batch)
+        targets = batch["targets"].float() if "targets" in batch else labels
+        return F.cross_entropy(logits, targets, label_smoothing=self.cfg.train.label_smoothing)
 
     @classmethod
     def eval_stats(cls, model, batch):

@@ -53,7 +53,7 @@ class Tracker:
             return
         self.evals.write(record)
         shown = " | ".join(f"{k} {v:.4f}" if k != "val_ppl" else f"{k} {v:.2f}" for k, v in record.items()
-                           if k in ("val_loss", "val_ppl", "val_accuracy"))
+                           if k in ("val_loss", "val_ppl", "val_accuracy", "test_accuracy"))
         self.console.print(f"eval step {record['step']} | {shown}")
         if self.wandb:
             self.wandb.log({f"eval/{k}": v for k, v in record.items() if k != "step"}, record["step"])
