@@ -179,3 +179,9 @@ def test_cli_config_prints_the_resolved_yaml(tmp_path):
     bad = run_cli("config", "configs/gpt-tiny.yaml", "optim.lr=-1")
     assert bad.returncode == 2
     assert bad.stderr.strip() == "error: optim.lr: input should be greater than 0 (got -1)"
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in (ROOT / "configs").glob("*.yaml") if p.name != "base.yaml"))
+def test_every_recipe_validates(recipe):
+    cfg = load_config(ROOT / "configs" / recipe, [])
+    assert cfg.run.name == recipe.removesuffix(".yaml")

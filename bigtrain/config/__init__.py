@@ -8,11 +8,11 @@ single line naming the key path and what was expected.
 
 This package must stay importable without torch: the launcher uses it on login nodes.
 
-Modules: ``base`` (ConfigError, the section base class), ``sections`` (model, data, train,
-optim, schedule, strategy, checkpoint, tracking), ``resources`` (launch resources and the SLURM
-value checks), ``run`` (RunConfig and the cross-section checks), ``loading`` (YAML, overrides,
-validation), ``explain`` (what ``bigtrain config --explain KEY`` prints). Import the public names
-from here.
+Modules: ``base`` (ConfigError, the section base class), ``sections`` (run, model, data, train,
+checkpoint, tracking), ``optim`` (optim, schedule), ``strategy`` (the engines' settings), ``resources``
+(launch resources and the SLURM value checks), ``run`` (RunConfig and the cross-section checks),
+``loading`` (YAML, overrides, validation), ``explain`` (what ``bigtrain config --explain KEY`` prints).
+Import the public names from here.
 """
 
 from bigtrain.config.base import ConfigError
@@ -24,25 +24,22 @@ from bigtrain.config.loading import (
     parse_override,
     validate,
 )
+from bigtrain.config.optim import OptimSection, ScheduleSection
 from bigtrain.config.resources import ResourcesSection, slurm_time_seconds
 from bigtrain.config.run import PACKED_TEXT_TASKS, TASK_MODELS, RunConfig
 from bigtrain.config.sections import (
     CheckpointSection,
     DataSection,
     DataSourceSection,
-    DeepSpeedSection,
-    FSDPSection,
     LoraSection,
     ModelSection,
-    OptimSection,
     RunSection,
-    ScheduleSection,
-    StrategySection,
     TokenizerSection,
     TrackingSection,
     TrainSection,
     WandbSection,
 )
+from bigtrain.config.strategy import DeepSpeedSection, FSDPSection, StrategySection
 
 __all__ = [
     "PACKED_TEXT_TASKS", "TASK_MODELS", "CheckpointSection", "ConfigError", "DataSection", "DataSourceSection",

@@ -10,18 +10,17 @@ import yaml
 from pydantic import model_validator
 
 from bigtrain.config.base import ConfigError, _Section
+from bigtrain.config.optim import OptimSection, ScheduleSection
 from bigtrain.config.resources import ResourcesSection
 from bigtrain.config.sections import (
     CheckpointSection,
     DataSection,
     ModelSection,
-    OptimSection,
     RunSection,
-    ScheduleSection,
-    StrategySection,
     TrackingSection,
     TrainSection,
 )
+from bigtrain.config.strategy import StrategySection
 
 IMAGE_DOWNLOADS = ("digits", "synthetic-images", "mnist")  # data.download values for image_classification
 TASK_MODELS = {  # what each task trains, and on which models
