@@ -38,6 +38,18 @@ def hf_checkpoint(out: Path, text: str, model_vocab: int | None = None, chat_tem
     return out
 
 
+def llama_checkpoint(out, vocab_size: int):
+    """A Llama (2 layers, d=64, grouped-query attention) with random weights, written into ``out``
+    (beside a tokenizer written there, e.g. by :func:`hf_checkpoint`)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    LlamaForCausalLM(config).save_pretrained(out)
+    return out
+
+
 def bert_checkpoint(out: Path, texts: list[str], head: str = "") -> Path:
     """A Hugging Face BERT directory with a WordPiece tokenizer trained on ``texts``, like a Hub
     checkpoint: the encoder alone, or with a ``head``: "mlm" (BertForMaskedLM) or "classifier"

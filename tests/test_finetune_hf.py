@@ -15,7 +15,7 @@ from transformers import (
 
 from bigtrain.config import load_config
 from conftest import ROOT, read_jsonl, run_cli, train_args
-from hf_checkpoints import hf_checkpoint
+from hf_checkpoints import hf_checkpoint, llama_checkpoint
 
 SAMPLE = "First Citizen:\nBefore we proceed any further, hear me speak."
 
@@ -106,3 +106,26 @@ def test_missing_checkpoint_or_records_fail_in_the_launcher(tmp_path):
                    f"data.val_path={tmp_path / 'dev.tsv'}")
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"error: data.val_path: {tmp_path / 'dev.tsv'} does not exist"
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_fsdp_reads_the_pretrained_model_on_rank0_only(tmp_path, cache_dir, tiny_text, arch):
+    """FSDP at 2 ranks: rank 1 builds the model on the meta device and receives its shards (and
+    buffers: Llama's rotary frequencies) from rank 0; the fine-tuning is the 1-process one."""
+    pretrained = hf_checkpoint(tmp_path / "hf", tiny_text.read_text(), dropout=0.0)
+    if arch == "llama":
+        llama_checkpoint(pretrained, len(AutoTokenizer.from_pretrained(pretrained)))
+    steps = ["train.max_steps=4", "train.eval_every=4", "train.eval_batches=all", "train.sample_tokens=0",
+             "checkpoint.save_final=false"]
+    one = finetune(tmp_path / "one", cache_dir, tiny_text, pretrained, *steps)
+    assert one.returncode == 0, one.stdout[-2000:] + one.stderr[-3000:]
+    assert "read on rank 0 only" not in one.stdout
+    two = finetune(tmp_path / "two", cache_dir, tiny_text, pretrained, *steps, "--nproc", "2", "strategy.name=fsdp")
+    assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-3000:]
+    assert "model.pretrained read on rank 0 only (shards broadcast)" in two.stdout
+    ref, got = read_jsonl(tmp_path / "one" / "metrics.jsonl"), read_jsonl(tmp_path / "two" / "metrics.jsonl")
+    assert [m["loss"] for m in got] == pytest.approx([m["loss"] for m in ref], abs=1e-5)
+    val = [read_jsonl(tmp_path / name / "eval.jsonl")[-1]["val_loss"] for name in ("one", "two")]
+    assert val[1] == pytest.approx(val[0], abs=1e-5)

@@ -15,7 +15,7 @@ from bigtrain.data.errors import BadRecords, DataError
 from bigtrain.data.sft import IGNORE, Fields, SFTStream, pack_records, prepare_sft, read_sft_records
 from bigtrain.data.tokenizer import HFTokenizer
 from conftest import ROOT, read_jsonl, run_cli
-from hf_checkpoints import CHAT_TEMPLATE, hf_checkpoint
+from hf_checkpoints import CHAT_TEMPLATE, hf_checkpoint, llama_checkpoint
 from test_checkpoint import losses, ok
 
 CONFIG = ROOT / "tests" / "configs" / "sft-test.yaml"
@@ -130,16 +130,6 @@ def token_losses(model, batch) -> torch.Tensor:
         logits = sft_logits(model, batch).float()
     loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch["labels"], reduction="none")
     return loss[batch["labels"] != IGNORE]
-
-
-def llama_checkpoint(out, vocab_size: int):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
-    LlamaForCausalLM(config).save_pretrained(out)
-    return out
 
 
 @pytest.mark.parametrize("arch,attn", [("gpt2", "sdpa"), ("gpt2", "eager"), ("llama", "sdpa"), ("llama", "eager")])

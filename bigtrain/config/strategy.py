@@ -63,6 +63,10 @@ class FSDPSection(_Section):
     """HSDP: replicas of the sharded model; replicate x shard = world size."""
     shard: int | None = Field(None, ge=1)
     """HSDP: ranks one replica is sharded over; default: world size / replicate."""
+    pretrained_from: Literal["rank0", "every_rank"] = "rank0"
+    """Causal LMs with model.pretrained (full fine-tuning): rank0 reads the checkpoint on rank 0 alone, the other
+    ranks build the model on the meta device and receive their shards (no rank but 0 holds the whole model);
+    every_rank: each rank reads the whole checkpoint, then shards it."""
 
 
 class StrategySection(_Section):

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, LlamaConfig, PreTrainedModel
 from transformers.utils import logging as hf_logging
 
 from bigtrain.config import ConfigError, ModelSection
@@ -34,19 +34,34 @@ def hf_config(cfg: ModelSection, vocab_size: int, seq_len: int):
     )
 
 
-def load_pretrained(auto_class, directory: str, **kwargs):
-    """``auto_class.from_pretrained`` on a local Hugging Face directory, in fp32 (no Hub access)."""
+def load_pretrained(auto_class, directory: str, structure_only: bool = False, **kwargs):
+    """``auto_class.from_pretrained`` on a local Hugging Face directory, in fp32 (no Hub access).
+    ``structure_only``: the model built from the directory's config on the meta device, without
+    reading any weight (they arrive from rank 0: :func:`rank0_loads_pretrained`)."""
     path = Path(directory)
     if not (path / "config.json").is_file():
         raise ConfigError(f"model.pretrained: {directory} is not a Hugging Face model directory (no config.json)")
     hf_logging.disable_progress_bar()  # one bar per rank, in every job log
+    if structure_only:
+        config = AutoConfig.from_pretrained(path, local_files_only=True, **kwargs)
+        with torch.device("meta"):
+            return auto_class.from_config(config, dtype=torch.float32)
     return auto_class.from_pretrained(path, local_files_only=True, dtype=torch.float32, **kwargs)
 
 
-def build_causal_lm(cfg: ModelSection, vocab_size: int, seq_len: int) -> PreTrainedModel:
-    """A freshly initialised model (seed the RNG first), or ``cfg.pretrained`` loaded from a local dir."""
+def rank0_loads_pretrained(cfg, world_size: int) -> bool:
+    """Whether ``model.pretrained`` is read by rank 0 alone, the other ranks building the model on the
+    meta device and receiving their shards from rank 0 (FSDP at 2+ ranks, full fine-tuning of a
+    causal LM): no rank but 0 ever holds the whole model."""
+    return (cfg.strategy.name == "fsdp" and cfg.strategy.fsdp.pretrained_from == "rank0" and world_size > 1
+            and bool(cfg.model.pretrained) and cfg.model.lora is None and cfg.task in ("causal_lm", "sft"))
+
+
+def build_causal_lm(cfg: ModelSection, vocab_size: int, seq_len: int, structure_only: bool = False) -> PreTrainedModel:
+    """A freshly initialised model (seed the RNG first), or ``cfg.pretrained`` loaded from a local dir
+    (``structure_only``: see :func:`load_pretrained`)."""
     if cfg.pretrained:
-        return load_pretrained(AutoModelForCausalLM, cfg.pretrained)
+        return load_pretrained(AutoModelForCausalLM, cfg.pretrained, structure_only=structure_only)
     return AutoModelForCausalLM.from_config(hf_config(cfg, vocab_size, seq_len), dtype=torch.float32)
 
 

@@ -20,6 +20,7 @@ from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
     get_state_dict,
+    set_model_state_dict,
     set_state_dict,
 )
 from torch.distributed.device_mesh import init_device_mesh
@@ -29,6 +30,7 @@ from bigtrain import dist
 from bigtrain.checkpoint import fault_point
 from bigtrain.dist import LOW_PRECISION
 from bigtrain.models import batch_norms, repeated_blocks
+from bigtrain.models.gpt import rank0_loads_pretrained
 from bigtrain.models.lora import trainable_names
 from bigtrain.optim import build_optimizer, param_groups
 from bigtrain.strategies import memory
@@ -43,6 +45,20 @@ DCP_DIR = "dcp"
 
 def _full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _fill_from_rank0(model: nn.Module, full: dict, buffers: dict, device: torch.device) -> None:
+    """Collective: allocate the sharded ``model`` (built on the meta device) and fill it from rank 0's
+    ``full`` state dict (CPU; empty elsewhere), each rank keeping its shards; buffers (rotary
+    frequencies are not in the state dict) are broadcast from rank 0's ``buffers``."""
+    model.to_empty(device=device)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    for name, buf in model.named_buffers():
+        if name in buffers:
+            buf.copy_(buffers[name])
+        torch.distributed.broadcast(buf, src=0)
 
 
 class FSDPStrategy(Strategy):
@@ -65,7 +81,15 @@ class FSDPStrategy(Strategy):
         fcfg = self.cfg.strategy.fsdp
         if self.cfg.strategy.activation_checkpointing:
             enable_activation_checkpointing(model)
-        model.to(self.device)
+        from_rank0 = rank0_loads_pretrained(self.cfg, self.info.world_size)
+        if from_rank0:  # rank 0 keeps the weights it read on the CPU; every rank shards an empty structure
+            full, buffers = ((model.state_dict(), {n: b.clone() for n, b in model.named_buffers()})
+                             if self.info.rank == 0 else ({}, {}))
+            model.to("meta")
+            if hasattr(model, "tie_weights"):
+                model.tie_weights()  # .to() gives tied parameters separate meta tensors
+        else:
+            model.to(self.device)
         kwargs = {"mesh": self._mesh(), "reshard_after_forward": fcfg.reshard_after_forward}
         if self.cfg.precision in LOW_PRECISION:
             kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=LOW_PRECISION[self.cfg.precision],
@@ -84,6 +108,10 @@ class FSDPStrategy(Strategy):
                 block.compile()
             fully_shard(block, **kwargs)
         fully_shard(model, **kwargs)
+        self.from_rank0 = from_rank0
+        if from_rank0:
+            _fill_from_rank0(model, full, buffers, self.device)
+            del full, buffers
         self.model = self.raw_model = model
         # no devices: fused kernels do not take DTensor shards everywhere (auto: foreach)
         self.optimizer = build_optimizer(param_groups(model, self.cfg.optim.weight_decay), self.cfg.optim)
@@ -98,7 +126,8 @@ class FSDPStrategy(Strategy):
 
     def details(self) -> str:
         compiled = sum(getattr(b, "_compiled_call_impl", None) is not None for b in repeated_blocks(self.model))
-        return super().details() + (f", compiled {compiled} blocks" if compiled else "")
+        return (super().details() + (f", compiled {compiled} blocks" if compiled else "")
+                + (", model.pretrained read on rank 0 only (shards broadcast)" if self.from_rank0 else ""))
 
     def forward_backward(self, batch, scale, last_micro):
         self.model.set_requires_gradient_sync(last_micro)  # reduce-scatter only on the last micro-batch

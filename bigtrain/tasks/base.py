@@ -17,6 +17,7 @@ from bigtrain.data.errors import DataError
 from bigtrain.data.stream import PositionalStream
 from bigtrain.data.tokenizer import AnyTokenizer
 from bigtrain.dist import DistInfo
+from bigtrain.models.gpt import rank0_loads_pretrained
 
 Batch = dict[str, torch.Tensor]
 HF_CONFIG = "hf_config.json"
@@ -108,6 +109,12 @@ class Task:
     # -- model ---------------------------------------------------------------------------
     def build_model(self) -> nn.Module:
         raise NotImplementedError
+
+    @property
+    def weights_from_rank0(self) -> bool:
+        """True on ranks that build ``model.pretrained`` without its weights (on the meta device):
+        the strategy fills them from rank 0 (:func:`bigtrain.models.gpt.rank0_loads_pretrained`)."""
+        return self.info.rank != 0 and rank0_loads_pretrained(self.cfg, self.info.world_size)
 
     @staticmethod
     def objective(model: nn.Module, batch: Batch) -> torch.Tensor:

@@ -42,7 +42,8 @@ class CausalLMTask(Task):
                 for data in self.sources]
 
     def build_model(self) -> nn.Module:
-        model = build_causal_lm(self.cfg.model, self.sources[0].vocab_size, self.cfg.train.seq_len)
+        model = build_causal_lm(self.cfg.model, self.sources[0].vocab_size, self.cfg.train.seq_len,
+                                structure_only=self.weights_from_rank0)
         check_vocabulary(model, self.sources[0].vocab_size, self.sources[0].tokenizer_path)
         return model
 

@@ -85,7 +85,8 @@ class SFTTask(HeldOutSetTask, TargetTokenTask):
                          shuffle_buffer=cfg.data.shuffle_buffer)
 
     def build_model(self) -> nn.Module:
-        model = build_causal_lm(self.cfg.model, self.tokenizer.vocab_size, self.cfg.train.seq_len)
+        model = build_causal_lm(self.cfg.model, self.tokenizer.vocab_size, self.cfg.train.seq_len,
+                                structure_only=self.weights_from_rank0)
         check_vocabulary(model, self.tokenizer.vocab_size, self.train_root / self.manifest["tokenizer_file"])
         positions = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", 0)
         if positions and self.cfg.train.seq_len > positions:
