@@ -31,6 +31,29 @@ def one_line_error(proc, message):
     assert sum(line.startswith("error: ") for line in proc.stderr.splitlines()) == 1, proc.stderr
 
 
+def test_kl_is_the_mean_over_targets_and_chunks_change_nothing():
+    import torch
+    import torch.nn.functional as F
+
+    from bigtrain.losses import distillation_kl
+
+    gen = torch.Generator().manual_seed(0)
+    student = torch.randn(3, 5, 11, generator=gen, requires_grad=True)
+    teacher = torch.randn(3, 5, 11, generator=gen)
+    labels = torch.randint(0, 11, (3, 5), generator=gen)
+    labels[0, :2] = -100
+    keep = labels != -100
+    p_t = F.softmax(teacher[keep] / 2.0, -1)
+    expected = (p_t * (p_t.log() - F.log_softmax(student[keep] / 2.0, -1))).sum(-1).mean() * 4.0
+    plain = distillation_kl(student, teacher, labels, 2.0)
+    assert plain.item() == pytest.approx(expected.item(), rel=1e-6)
+    grad = torch.autograd.grad(plain, student)[0]
+    chunked = distillation_kl(student, teacher, labels, 2.0, chunk_elements=22)  # 2 rows at a time
+    assert chunked.item() == pytest.approx(plain.item(), rel=1e-6)
+    assert torch.allclose(torch.autograd.grad(chunked, student)[0], grad, atol=1e-7)
+    assert distillation_kl(teacher, teacher, labels, 2.0).item() == pytest.approx(0.0, abs=1e-6)
+
+
 @pytest.fixture(scope="module")
 def gpt_teacher(tmp_path_factory, cache_dir, tiny_text):
     run_dir = tmp_path_factory.mktemp("gpt-teacher") / "run"
@@ -157,6 +180,15 @@ def test_text_classifier_loss_mixes_the_kl_and_the_cross_entropy(tmp_path, cache
     # the student's first forward is the teacher's (same config and seed): 0.5 x KL (0) + 0.5 x CE
     assert mixed == pytest.approx(ce / 2, abs=1e-6)
     assert "val_accuracy" in read_jsonl(tmp_path / "kd" / "eval.jsonl")[-1]
+
+
+def test_alpha_zero_trains_the_label_only_run(tmp_path, cache_dir, sentiment, text_teacher):
+    """Loading the teacher draws initial weights: the random state is restored, so dropout (and
+    everything else) runs as without it."""
+    steps = ["train.max_steps=2", "model.dropout=0.1", f"data.tokenizer.path={text_teacher / 'tokenizer.model'}"]
+    ok(run_cli(*classify(tmp_path / "labels", cache_dir, sentiment, *steps)))
+    ok(run_cli(*classify(tmp_path / "kd", cache_dir, sentiment, *steps, *kd(text_teacher, 0.0))))
+    assert losses(tmp_path / "kd") == losses(tmp_path / "labels")
 
 
 def test_image_classifier_distills(tmp_path):
