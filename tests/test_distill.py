@@ -116,6 +116,16 @@ def test_checkpoints_hold_the_student_and_resume_exactly(tmp_path, distilled, gp
     assert (exported["n_embd"], exported["n_layer"]) == (32, 2)  # the student (the teacher: 64)
 
 
+def test_a_hugging_face_teacher_equals_its_run_directory(tmp_path, distilled, gpt_teacher):
+    """The teacher exported by bigtrain export (its tokenizer converted to tokenizer.json, which the
+    student then reads): the same token ids, the same logits, the same run."""
+    reference, _, argv = distilled
+    ok(run_cli("export", str(gpt_teacher), "--to", "hf", str(tmp_path / "teacher-hf")))
+    proc = ok(run_cli(*argv(tmp_path / "run", f"distill.teacher={tmp_path / 'teacher-hf'}")))
+    assert f"distill: teacher {tmp_path / 'teacher-hf'} (gpt2, " in proc.stdout
+    assert losses(tmp_path / "run") == losses(reference)
+
+
 @pytest.mark.dist
 def test_two_ranks_match_one_process(tmp_path, distilled):
     reference, _, argv = distilled
