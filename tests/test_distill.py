@@ -73,6 +73,7 @@ def distilled(tmp_path_factory, cache_dir, tiny_text, gpt_teacher):
     return run_dir, proc.stdout, argv
 
 
+@pytest.mark.slow
 def test_distilled_student_beats_the_same_student_on_labels_alone(tmp_path, cache_dir, tiny_text, gpt_teacher):
     budget = [*STUDENT, "train.max_steps=40"]
     ok(run_cli(*train_args(tmp_path / "labels", cache_dir, tiny_text, *budget)))
@@ -84,7 +85,8 @@ def test_distilled_student_beats_the_same_student_on_labels_alone(tmp_path, cach
     assert distilled < labels - 0.1, (teacher, labels, distilled)
 
 
-def test_checkpoints_hold_the_student_and_resume_exactly(tmp_path, distilled, gpt_teacher):
+@pytest.mark.slow
+def test_checkpoints_hold_the_student_and_resume_exactly(tmp_path, distilled):
     import torch
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -116,6 +118,7 @@ def test_checkpoints_hold_the_student_and_resume_exactly(tmp_path, distilled, gp
     assert (exported["n_embd"], exported["n_layer"]) == (32, 2)  # the student (the teacher: 64)
 
 
+@pytest.mark.slow
 def test_a_hugging_face_teacher_equals_its_run_directory(tmp_path, distilled, gpt_teacher):
     """The teacher exported by bigtrain export (its tokenizer converted to tokenizer.json, which the
     student then reads): the same token ids, the same logits, the same run."""
@@ -127,6 +130,7 @@ def test_a_hugging_face_teacher_equals_its_run_directory(tmp_path, distilled, gp
 
 
 @pytest.mark.dist
+@pytest.mark.slow
 def test_two_ranks_match_one_process(tmp_path, distilled):
     reference, _, argv = distilled
     ok(run_cli(*argv(tmp_path / "run", "strategy.name=fsdp", "--nproc", "2")))
@@ -201,6 +205,7 @@ def test_alpha_zero_trains_the_label_only_run(tmp_path, cache_dir, sentiment, te
     assert losses(tmp_path / "kd") == losses(tmp_path / "labels")
 
 
+@pytest.mark.slow
 def test_image_classifier_distills(tmp_path):
     images = tmp_path / "images"
 
@@ -239,6 +244,7 @@ def test_bad_settings_are_one_line_errors(tmp_path, overrides, message):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_teachers_that_do_not_fit_are_one_line_errors(tmp_path, cache_dir, tiny_text, gpt_teacher, sentiment,
                                                       text_teacher):
     proc = run_cli(*train_args(tmp_path / "gpt", cache_dir, tiny_text, *STUDENT, "train.max_steps=2",
