@@ -33,9 +33,9 @@ from bigtrain.tasks import task_class
 from bigtrain.tasks.base import HF_CONFIG
 
 
-def find_checkpoint(run_dir: Path, step: int | None, best: bool = False) -> Path:
+def find_checkpoint(run_dir: Path, step: int | None, best: bool = False, who: str = "export") -> Path:
     """Checkpoint ``step``, the best by the run's ``checkpoint.keep_best`` (default: lowest val_loss),
-    or the newest valid one."""
+    or the newest valid one (``who`` reads it: named in the warnings and errors)."""
     root = Path(run_dir) / "checkpoints"
     if best:
         return _best(run_dir, root)
@@ -48,8 +48,8 @@ def find_checkpoint(run_dir: Path, step: int | None, best: bool = False) -> Path
             verify(path)
             return path
         except CheckpointError as err:
-            print(f"export: skipping {path.name}: {err}", file=sys.stderr)
-    raise CheckpointError(f"{root}: no valid checkpoint to export")
+            print(f"{who}: skipping {path.name}: {err}", file=sys.stderr)
+    raise CheckpointError(f"{root}: no valid checkpoint to {who}")
 
 
 def _best(run_dir: Path, root: Path) -> Path:

@@ -1,4 +1,4 @@
-"""Cross-entropy over a large vocabulary without keeping an fp32 copy of every logit.
+"""Cross-entropy (and the distillation KL) over a large vocabulary without keeping an fp32 copy of every logit.
 
 ``F.cross_entropy(logits.float(), labels)`` upcasts all logits (bf16 under mixed precision) and
 keeps their fp32 log-softmax for backward: 4 bytes x tokens x vocabulary (a 16 x 1024-token
@@ -33,3 +33,27 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, chunk_elements: in
     total = sum(checkpoint(_summed, rows[i:i + step], labels[i:i + step], use_reentrant=False)
                 for i in range(0, rows.size(0), step))
     return total / (labels != IGNORE_INDEX).sum().clamp(min=1)
+
+
+def _kl_summed(student: torch.Tensor, teacher: torch.Tensor, weight: torch.Tensor, temperature: float) -> torch.Tensor:
+    log_s = F.log_softmax(student.float() / temperature, dim=-1)
+    log_t = F.log_softmax(teacher.float() / temperature, dim=-1)
+    return (F.kl_div(log_s, log_t, log_target=True, reduction="none").sum(-1) * weight).sum()
+
+
+def distillation_kl(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, temperature: float,
+                    chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
+    """KL(teacher || student) of the temperature-softened distributions, in fp32, averaged over the
+    rows whose label is not ``-100`` (target tokens; samples) and scaled by ``temperature``² (Hinton
+    et al.: the gradients keep their size as the temperature changes). ``student``, ``teacher``
+    ``[..., classes]``, ``labels`` ``[...]``; chunked like :func:`cross_entropy` above ``chunk_elements``."""
+    classes = student.size(-1)
+    rows, targets = student.reshape(-1, classes), teacher.reshape(-1, classes)
+    weight = (labels.reshape(-1) != IGNORE_INDEX).to(torch.float32)
+    if rows.numel() <= chunk_elements:
+        total = _kl_summed(rows, targets, weight, temperature)
+    else:
+        step = max(1, chunk_elements // classes)
+        total = sum(checkpoint(_kl_summed, rows[i:i + step], targets[i:i + step], weight[i:i + step], temperature,
+                               use_reentrant=False) for i in range(0, rows.size(0), step))
+    return total / weight.sum().clamp(min=1) * temperature ** 2

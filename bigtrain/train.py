@@ -170,7 +170,14 @@ class Trainer:
         flops_per_sample = task.flops_per_sample(model)
         n_params = sum(p.numel() for p in model.parameters())
         n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        self.strategy = build_strategy(cfg, info, task.objective)
+        objective = task.objective
+        if cfg.distill is not None:  # a frozen teacher beside the engine: never in the optimizer or checkpoints
+            from bigtrain.tasks.distill import Distiller
+
+            distiller = Distiller.build(cfg, task, model, info, self.log)
+            objective = distiller.objective
+            flops_per_sample += distiller.teacher_flops_per_sample()
+        self.strategy = build_strategy(cfg, info, objective)
         on_close(self.strategy.close)
         self.strategy.setup(model)
 

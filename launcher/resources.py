@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bigtrain.config import ConfigError, RunConfig, load_config
+from bigtrain.config.distill import check_teacher
 
 OFFLINE_HINT_VARS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "WANDB_MODE")
 
@@ -69,7 +70,10 @@ def job_env(cfg: RunConfig) -> dict[str, str]:
 
 
 def check_pretrained(cfg: RunConfig, base: Path | None = None) -> None:
-    """model.pretrained, when set, is a Hugging Face model directory."""
+    """model.pretrained, when set, is a Hugging Face model directory; distill.teacher a run directory
+    or one."""
+    if cfg.distill is not None:
+        check_teacher(cfg.distill.teacher, base)
     if cfg.model.pretrained:
         pretrained = Path(os.path.expanduser(cfg.model.pretrained))
         if not pretrained.is_absolute() and base is not None:

@@ -10,6 +10,7 @@ import yaml
 from pydantic import model_validator
 
 from bigtrain.config.base import ConfigError, _Section
+from bigtrain.config.distill import DISTILL_TASKS, DistillSection, teacher_tokenizer
 from bigtrain.config.optim import OptimSection, ScheduleSection
 from bigtrain.config.resources import ResourcesSection
 from bigtrain.config.sections import (
@@ -75,6 +76,9 @@ class RunConfig(_Section):
     checkpoint: CheckpointSection = CheckpointSection()
     tracking: TrackingSection = TrackingSection()
     resources: ResourcesSection = ResourcesSection()
+    distill: DistillSection | None = None
+    """Knowledge distillation from a frozen teacher (causal_lm, sequence_classification, image_classification),
+    e.g. {teacher: runs/gpt-tiny, alpha: 0.5, temperature: 2.0}; none: train on the labels alone."""
 
     @model_validator(mode="after")
     def _task_fits(self) -> RunConfig:
@@ -115,6 +119,8 @@ class RunConfig(_Section):
         if self.model.pretrained and self.text_task and self.data.tokenizer.path is None:
             # a checkpoint only makes sense with the tokenizer it was trained with
             self.data.tokenizer.path = self.model.pretrained
+        if self.distill is not None:
+            self._distill_fits()
         best = self.checkpoint.keep_best
         if best is not None and best.metric not in TASK_METRICS[self.task]:
             raise ValueError(f"checkpoint.keep_best.metric: task '{self.task}' reports "
@@ -125,6 +131,16 @@ class RunConfig(_Section):
             raise ValueError("strategy.activation_checkpointing: not supported for resnet (recomputing a "
                              "block would update its BatchNorm statistics twice)")
         return self
+
+    def _distill_fits(self) -> None:
+        if self.task not in DISTILL_TASKS:
+            raise ValueError(f"distill: for {', '.join(DISTILL_TASKS[:-1])} and {DISTILL_TASKS[-1]} "
+                             f"(task is '{self.task}')")
+        if self.distill.teacher.startswith("pkg:"):
+            self.distill.teacher = package_path(self.distill.teacher, "distill.teacher")
+        if self.text_task and self.data.tokenizer.path is None:
+            # the teacher reads the student's token ids: by default the student tokenizes like the teacher
+            self.data.tokenizer.path = teacher_tokenizer(self.distill.teacher)
 
     @model_validator(mode="after")
     def _optimizer_fits(self) -> RunConfig:

@@ -121,6 +121,17 @@ class Task:
         """The training loss of a micro-batch (on the device)."""
         raise NotImplementedError
 
+    # -- distillation (tasks that support ``distill``: the objective split in two) -------
+    @staticmethod
+    def logits_and_labels(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The logits of a micro-batch ``[..., classes]`` and its labels ``[...]`` (``IGNORE_INDEX``:
+        not a target); what a teacher's and the student's outputs are compared on."""
+        raise NotImplementedError
+
+    def label_loss(self, logits: torch.Tensor, labels: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """The objective's loss from :meth:`logits_and_labels`' output (``objective`` = both)."""
+        raise NotImplementedError
+
     @staticmethod
     def eval_stats(model: nn.Module, batch: Batch) -> torch.Tensor:
         """Sums over a validation batch, ``[loss_sum, count, ...]``; summed over batches and ranks."""
@@ -214,9 +225,11 @@ class ClassificationTask(HeldOutSetTask):
         raise NotImplementedError
 
     def objective(self, model, batch):
+        return self.label_loss(*self.logits_and_labels(model, batch), batch)
+
+    def label_loss(self, logits, labels, batch):
         """Cross-entropy against the labels, or against the soft ``targets`` where the batch has them
         (mixup, cutmix), smoothed by ``train.label_smoothing``."""
-        logits, labels = self.logits_and_labels(model, batch)
         targets = batch["targets"].float() if "targets" in batch else labels
         return F.cross_entropy(logits, targets, label_smoothing=self.cfg.train.label_smoothing)
 

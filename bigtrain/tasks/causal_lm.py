@@ -10,6 +10,7 @@ from bigtrain.data.prepare import prepare_sources
 from bigtrain.data.shards import PreparedData, open_prepared
 from bigtrain.data.stream import CausalLMStream, eval_batches
 from bigtrain.data.tokenizer import load_tokenizer
+from bigtrain.losses import cross_entropy
 from bigtrain.models import build_causal_lm, flops_per_token
 from bigtrain.sample import sample_text
 from bigtrain.strategies.base import causal_lm_loss
@@ -48,6 +49,13 @@ class CausalLMTask(Task):
         return model
 
     objective = staticmethod(causal_lm_loss)
+
+    @staticmethod
+    def logits_and_labels(model, batch):
+        return model(input_ids=batch["input_ids"]).logits, batch["labels"]
+
+    def label_loss(self, logits, labels, batch):
+        return cross_entropy(logits, labels)
 
     @staticmethod
     def eval_stats(model, batch):
