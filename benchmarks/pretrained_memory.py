@@ -4,9 +4,11 @@ other ranks build the model on the meta device and receive their shards) or on e
     python benchmarks/pretrained_memory.py [--layers 24] [--d-model 1024] [--text FILE]
 
 Writes a GPT-2 (default 24 layers, d=1024, a 400-token BPE vocabulary: ~302M parameters, 1.2 GB of
-fp32) with ``save_pretrained``, then trains it one step through the real CLI: 1 process, and 2
-ranks with ``strategy.fsdp.pretrained_from`` rank0 and every_rank. Each rank's peak RSS is its
-VmHWM, read from /proc while it runs. Prints JSON (GiB).
+fp32) with ``save_pretrained``, then runs it through the real CLI: 1 process, and 2 ranks with
+``strategy.fsdp.pretrained_from`` rank0 and every_rank, each twice: "setup" stops at the start of
+step 1 (``BIGTRAIN_FAULT=loop-error@1``: loading, sharding, the optimizer built) and "1 step" trains
+one AdamW step (gradients and Adam moments then dominate). Each rank's peak RSS is its VmHWM, read
+from /proc while it runs. Prints JSON (GiB).
 """
 
 from __future__ import annotations
@@ -46,8 +48,9 @@ def write_checkpoint(out: Path, text: str, layers: int, d_model: int) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def peak_rss_per_rank(cmd: list[str], env: dict) -> tuple[dict[int, float], str]:
-    """Run ``cmd``; the VmHWM (GiB) of every process running ``bigtrain.train``, by its RANK."""
+def peak_rss_per_rank(cmd: list[str], env: dict, fails: bool = False) -> tuple[dict[int, float], str]:
+    """Run ``cmd`` (``fails``: it is meant to exit non-zero); the VmHWM (GiB) of every process running
+    ``bigtrain.train``, by its RANK."""
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     peaks: dict[int, float] = {}
     launcher = psutil.Process(proc.pid)
@@ -64,7 +67,7 @@ def peak_rss_per_rank(cmd: list[str], env: dict) -> tuple[dict[int, float], str]
                 pass
         time.sleep(0.1)
     out = proc.stdout.read()
-    if proc.returncode:
+    if bool(proc.returncode) != fails:
         raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{out[-3000:]}")
     return {r: round(v, 2) for r, v in sorted(peaks.items())}, out
 
@@ -88,9 +91,12 @@ def main() -> None:
                                              "strategy.fsdp.pretrained_from=every_rank"],
                 "fsdp 2 ranks, rank0": ["--nproc", "2", "strategy.name=fsdp"]}
         for name, extra in runs.items():
-            cmd = [sys.executable, "-m", "launcher.cli", *common, f"run.dir={tmp / name.replace(' ', '_')}", *extra]
-            results[name], _ = peak_rss_per_rank(cmd, env)
-            print(name, results[name], file=sys.stderr)
+            for phase, phase_env in (("setup", {"BIGTRAIN_FAULT": "loop-error@1"}), ("1 step", {})):
+                run_dir = tmp / f"{name}-{phase}".replace(" ", "_").replace(",", "")
+                cmd = [sys.executable, "-m", "launcher.cli", *common, f"run.dir={run_dir}", *extra]
+                results.setdefault(name, {})[phase], _ = peak_rss_per_rank(cmd, {**env, **phase_env},
+                                                                           fails=phase == "setup")
+                print(name, phase, results[name][phase], file=sys.stderr)
     print(json.dumps({"benchmark": "pretrained_memory", "params": params,
                       "fp32_model_gib": round(params * 4 / 2**30, 2), "peak_rss_gib_per_rank": results}, indent=2))
 
