@@ -36,7 +36,6 @@ import yaml
 
 from bigtrain import dist
 from bigtrain.checkpoint.files import (
-    MANIFEST,
     REPLICATED,
     CheckpointError,
     CheckpointSaveError,
@@ -53,11 +52,10 @@ from bigtrain.checkpoint.files import (
     set_saving_step,
     step_of,
     verify,
-    versions,
+    write_manifest,
 )
 from bigtrain.checkpoint.policy import Stateful, save_decision
 from bigtrain.config import CheckpointSection
-from bigtrain.data.shards import sha256_file
 from bigtrain.dist import DistInfo
 
 
@@ -283,17 +281,7 @@ class CheckpointManager:
                 if Path(extra).is_file():
                     shutil.copy(extra, tmp / Path(extra).name)
             fault_point("checkpoint-before-manifest")
-            files = {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
-                     for p in sorted(tmp.rglob("*")) if p.is_file()}
-            manifest = {
-                "step": pending.step,
-                "world_size": self.info.world_size,
-                "strategy": pending.strategy,
-                "created_s": round(time.time(), 3),
-                "versions": versions(),
-                "files": files,
-            }
-            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+            write_manifest(tmp, pending.step, self.info.world_size, pending.strategy)
             fsync_tree(tmp)
             fault_point("checkpoint-before-rename")
             if final.exists():
