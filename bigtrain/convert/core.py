@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from bigtrain.checkpoint import MANIFEST, CheckpointError, derived_dir, step_of, verify, write_manifest
+from bigtrain.checkpoint import MANIFEST, CheckpointError, derived_dir, verify, write_manifest
 from bigtrain.checkpoint.files import REPLICATED, fsync_dir, fsync_tree
 from bigtrain.convert.readers import read_state
 from bigtrain.convert.state import check, model_layout, read_manifest
@@ -101,7 +101,7 @@ def convert_checkpoint(src: Path, out: Path, target: Engine, world_size: int | N
             raise CheckpointError(f"{src}: cannot read its {label(source)} state ({_one_line(err)})") from None
         check(state, layout, src)
         tmp.mkdir()
-        write_state(name, state, layout, tmp, cfg, step_of(src), world_size)
+        write_state(name, state, layout, tmp, cfg, manifest["step"], world_size)
         keep_rng = world_size == manifest["world_size"]
         for path in sorted(src.iterdir()):
             if path.name in ENGINE_FILES or path.name in (MANIFEST, "config.yaml"):
@@ -113,7 +113,7 @@ def convert_checkpoint(src: Path, out: Path, target: Engine, world_size: int | N
         converted_from = {"path": str(src), "strategy": source[0], "world_size": manifest["world_size"]}
         if source[1] is not None:
             converted_from["stage"] = source[1]
-        new = write_manifest(tmp, step_of(src), world_size, name, converted_from=converted_from)
+        new = write_manifest(tmp, manifest["step"], world_size, name, converted_from=converted_from)
         fsync_tree(tmp)
         tmp.rename(out)
         fsync_dir(out.parent)
