@@ -95,9 +95,13 @@ def test_zero3_to_fsdp_at_one_rank_with_bigtrain_convert(tmp_path, reference, ca
     assert not list(ckpt.glob("rng-*.json"))  # RNG states belong to the 2 ranks that wrote them
     ok(run_cli(*run_args(out, cache_dir, tiny_text, "fsdp", nproc=1)))
     assert_follows(ref, out)
-    # export of the converted checkpoint == export of the original, byte for byte
+    assert_same_export(ref, out, tmp_path)
+
+
+def assert_same_export(original: Path, converted: Path, tmp_path: Path) -> None:
+    """``bigtrain export`` of the converted checkpoint == of the original, byte for byte."""
     exported = {}
-    for name, run_dir in (("original", ref), ("converted", out)):
+    for name, run_dir in (("original", original), ("converted", converted)):
         target = tmp_path / f"hf-{name}"
         ok(run_cli("export", str(run_dir), "--step", str(SWITCH), "--to", "hf", str(target)))
         exported[name] = (target / "model.safetensors").read_bytes()
@@ -109,7 +113,25 @@ def test_fsdp_to_zero2_on_resume_at_two_ranks(tmp_path, reference, cache_dir, ti
     proc = ok(run_cli(*run_args(run_dir, cache_dir, tiny_text, "zero2")))
     assert f"converting step-{SWITCH} from fsdp to zero2" in proc.stdout, proc.stdout[-2000:]
     assert_follows(reference("fsdp"), run_dir)
-    verify(run_dir / "checkpoints" / f".step-{SWITCH}.zero2")
+    converted = run_dir / "checkpoints" / f".step-{SWITCH}.zero2"
+    verify(converted)
+    # the converted checkpoint as a run directory of its own, exported
+    exported = tmp_path / "converted-run" / "checkpoints"
+    exported.mkdir(parents=True)
+    shutil.copytree(converted, exported / f"step-{SWITCH}")
+    assert_same_export(reference("fsdp"), exported.parent, tmp_path)
+
+
+def test_zero3_to_ddp_on_resume_at_two_ranks(tmp_path, reference, cache_dir, tiny_text):
+    """To single/ddp's files. (ZeRO-3 keeps one Adam step tensor for all its parameters: carried
+    shared into optimizer.pt, torch's Adam advanced it once per parameter and the losses drifted.)"""
+    run_dir = switched_copy(reference("zero3"), tmp_path)
+    proc = ok(run_cli(*run_args(run_dir, cache_dir, tiny_text, "ddp")))
+    assert f"converting step-{SWITCH} from zero3 to ddp" in proc.stdout, proc.stdout[-2000:]
+    assert_follows(reference("zero3"), run_dir)
+    state = torch.load(run_dir / "checkpoints" / f".step-{SWITCH}.ddp" / "optimizer.pt", weights_only=True)
+    steps = [s["step"] for s in state["optimizer"]["state"].values()]
+    assert len({s.untyped_storage().data_ptr() for s in steps}) == len(steps)
 
 
 def test_every_engine_round_trip_is_bit_identical(tmp_path, reference):

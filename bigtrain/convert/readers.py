@@ -31,12 +31,19 @@ def read_state(strategy: str, ckpt: Path, layout: Layout, scratch: Path) -> Full
     raise CheckpointError(f"{ckpt}: unknown strategy '{strategy}' in manifest")
 
 
+def _step(value) -> torch.Tensor:
+    """Adam's step count as a float32 scalar tensor of its own: torch's Adam increments it in
+    place, so one tensor shared by several parameters (ZeRO-3 keeps one per sub-group) would be
+    advanced once per parameter (see deepspeed._unshare_steps)."""
+    return torch.tensor(float(value), dtype=torch.float32)
+
+
 def _adam(state: dict) -> dict[str, torch.Tensor]:
-    """One parameter's optimizer state, tensors on CPU; ``step`` as a float32 scalar tensor."""
+    """One parameter's optimizer state, tensors on CPU."""
     out = {}
     for key, value in state.items():
         if key == "step":
-            value = torch.as_tensor(value, dtype=torch.float32).reshape(())
+            value = _step(value)
         out[key] = value.detach().cpu() if torch.is_tensor(value) else value
     return out
 
@@ -99,7 +106,7 @@ def read_deepspeed(ckpt: Path, layout: Layout, scratch: Path) -> FullState:
             return None
         value = torch.load(path, map_location="cpu", weights_only=False)
         if key == "step":
-            return torch.as_tensor(value, dtype=torch.float32).reshape(())
+            return _step(value)
         tensor = value["param"] if isinstance(value, dict) else value
         numel = torch.Size(layout.shapes[name]).numel()
         return tensor.float().flatten()[:numel].reshape(layout.shapes[name])  # ZeRO-3: padded, flat
@@ -113,7 +120,7 @@ def read_deepspeed(ckpt: Path, layout: Layout, scratch: Path) -> FullState:
         moments = {k: t for k in ("exp_avg", "exp_avg_sq") if (t := load(name, k)) is not None}
         step = load(name, "step")
         if step is None and shared_step is not None:
-            step = torch.as_tensor(shared_step, dtype=torch.float32).reshape(())
+            step = _step(shared_step)
         if step is not None:
             moments["step"] = step
         optim[name] = moments

@@ -292,6 +292,11 @@ def load_consolidated(model: nn.Module, directory: Path, partial: bool = False) 
     (``partial``: a LoRA checkpoint, which holds the trainable parameters alone)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    state = get_fp32_state_dict_from_zero_checkpoint(str(Path(directory) / DS_DIR), tag=TAG,
-                                                     exclude_frozen_parameters=partial)
+    universal = Path(directory) / UNIVERSAL_DIR / TAG / "zero"
+    if universal.is_dir():  # converted from another engine: the fp32 masters, one file per parameter
+        state = {p.parent.name: torch.load(p, map_location="cpu", weights_only=False)["param"]
+                 for p in sorted(universal.glob("*/fp32.pt"))}
+    else:
+        state = get_fp32_state_dict_from_zero_checkpoint(str(Path(directory) / DS_DIR), tag=TAG,
+                                                         exclude_frozen_parameters=partial)
     load_full_state(model, state, f"{directory}: DeepSpeed weights", partial)
