@@ -108,13 +108,17 @@ def assert_same_export(original: Path, converted: Path, tmp_path: Path) -> None:
     assert exported["original"] == exported["converted"]
 
 
-def test_fsdp_to_zero2_on_resume_at_two_ranks(tmp_path, reference, cache_dir, tiny_text):
+@pytest.mark.parametrize("zero", ["zero2", "zero3"])
+def test_fsdp_to_zero_on_resume_at_two_ranks(tmp_path, reference, cache_dir, tiny_text, zero):
+    """One universal checkpoint serves ZeRO-1/2's loader and ZeRO-3's."""
     run_dir = switched_copy(reference("fsdp"), tmp_path)
-    proc = ok(run_cli(*run_args(run_dir, cache_dir, tiny_text, "zero2")))
-    assert f"converting step-{SWITCH} from fsdp to zero2" in proc.stdout, proc.stdout[-2000:]
+    proc = ok(run_cli(*run_args(run_dir, cache_dir, tiny_text, zero)))
+    assert f"converting step-{SWITCH} from fsdp to {zero}" in proc.stdout, proc.stdout[-2000:]
     assert_follows(reference("fsdp"), run_dir)
-    converted = run_dir / "checkpoints" / f".step-{SWITCH}.zero2"
+    converted = run_dir / "checkpoints" / f".step-{SWITCH}.{zero}"
     verify(converted)
+    if zero == "zero3":
+        return
     # the converted checkpoint as a run directory of its own, exported
     exported = tmp_path / "converted-run" / "checkpoints"
     exported.mkdir(parents=True)

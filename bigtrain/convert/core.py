@@ -74,13 +74,13 @@ def convert_checkpoint(src: Path, out: Path, target: Engine, world_size: int | N
     if name not in TARGETS:
         raise CheckpointError(f"--to {name}: not an engine (one of {', '.join(TARGETS)})")
     if name == "deepspeed" and stage not in (1, 2, 3):
-        raise CheckpointError(f"--to deepspeed --stage {stage}: convert writes ZeRO stages 1-3 (a universal "
-                              f"checkpoint, which ZeRO-0 cannot load)")
+        raise CheckpointError(f"{src}: cannot become a ZeRO-{stage} checkpoint: convert writes ZeRO stages 1-3 (a "
+                              f"universal checkpoint, which ZeRO-0 cannot load)")
     if source == ("deepspeed", 0):
         raise CheckpointError(f"{src}: a ZeRO-0 checkpoint has no ZeRO partitions to convert (ds_to_universal)")
     world_size = world_size or (1 if name == "single" else manifest["world_size"])
     if name == "single" and world_size != 1:
-        raise CheckpointError(f"--to single --world-size {world_size}: single runs on 1 rank (use ddp)")
+        raise CheckpointError(f"{src}: single runs on 1 rank, not {world_size} (convert to ddp)")
     tree, cfg = _target_config(src, target)
     if cfg.optim.name != "adamw":
         raise CheckpointError(f"{src}: written with optim.name {cfg.optim.name}; convert carries AdamW's state "
