@@ -13,6 +13,7 @@
     bigtrain config [CONFIG] [key=value ...]         (the resolved config as YAML)
     bigtrain config --explain [KEY]                  (a key's type, default, range and description)
     bigtrain import gguf FILE OUT                    (a GGUF file -> a Hugging Face directory)
+    bigtrain convert RUN_DIR [--step N] --to ENGINE [--stage S] [--world-size M] OUT_DIR   (switch engines)
     bigtrain plan CONFIG [key=value ...] [--gpus N] [--nodes M] [--gpu-type T] [--run RUN_DIR]   (memory, time)
 
 train, launch and submit take --gpu-type T (default: resources.gpu_type) and then check that the

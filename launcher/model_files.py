@@ -1,5 +1,6 @@
-"""``bigtrain export`` and ``bigtrain import``: model files in and out of bigtrain. Both exec a
-``bigtrain`` module (they need torch and transformers; the launcher never imports torch)."""
+"""``bigtrain export``, ``bigtrain import`` and ``bigtrain convert``: model and checkpoint files in
+and out of bigtrain. Each execs a ``bigtrain`` module (they need torch; the launcher never imports
+torch)."""
 
 from __future__ import annotations
 
@@ -45,6 +46,17 @@ def cmd_import(args: argparse.Namespace) -> int:
     return 0  # not reached
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    """Runs ``python -m bigtrain.convert`` (it needs torch and DeepSpeed)."""
+    cmd = [sys.executable, "-m", "bigtrain.convert", args.run_dir, args.out, "--to", args.to]
+    for flag, value in (("--step", args.step), ("--stage", args.stage), ("--world-size", args.world_size)):
+        if value is not None:
+            cmd += [flag, str(value)]
+    sys.stdout.flush()
+    os.execv(cmd[0], cmd)
+    return 0  # not reached
+
+
 def add_model_file_parsers(sub) -> None:
     """The ``export`` and ``import`` subcommands."""
     p = sub.add_parser("export", help="write a checkpoint as a Hugging Face model directory")
@@ -57,6 +69,15 @@ def add_model_file_parsers(sub) -> None:
     p.add_argument("--adapter", action="store_true",
                    help="LoRA runs: write the adapters (peft), not a merged model")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("convert", help="write a checkpoint as another engine's (another ZeRO stage, world size)")
+    p.add_argument("run_dir", help="the run directory")
+    p.add_argument("out", help="output run directory (its checkpoints/step-N is the converted checkpoint)")
+    p.add_argument("--to", choices=["single", "ddp", "fsdp", "deepspeed"], required=True, help="target engine")
+    p.add_argument("--stage", type=int, choices=[1, 2, 3], default=None, help="ZeRO stage for --to deepspeed (2)")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest valid one)")
+    p.add_argument("--world-size", type=int, default=None, help="ranks it is for (default: the source's)")
+    p.set_defaults(func=cmd_convert)
 
     imports = sub.add_parser("import", help="write a Hugging Face model directory from another format")
     p = imports.add_subparsers(dest="import_format", required=True).add_parser(

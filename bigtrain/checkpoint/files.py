@@ -14,6 +14,7 @@ import os
 import random
 import re
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -123,6 +124,16 @@ def versions() -> dict[str, str]:
     except Exception:  # not installed as a distribution
         pass
     return out
+
+
+def write_manifest(directory: Path, step: int, world_size: int, strategy: str, **extra: Any) -> dict[str, Any]:
+    """Write ``directory/manifest.json``: every file's size and sha256 (what :func:`verify` checks)."""
+    files = {str(p.relative_to(directory)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+             for p in sorted(directory.rglob("*")) if p.is_file() and p != directory / MANIFEST}
+    manifest = {"step": step, "world_size": world_size, "strategy": strategy, "created_s": round(time.time(), 3),
+                "versions": versions(), **extra, "files": files}
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    return manifest
 
 
 def list_checkpoints(root: Path) -> list[Path]:

@@ -36,7 +36,6 @@ import yaml
 
 from bigtrain import dist
 from bigtrain.checkpoint.files import (
-    MANIFEST,
     REPLICATED,
     CheckpointError,
     CheckpointSaveError,
@@ -53,11 +52,10 @@ from bigtrain.checkpoint.files import (
     set_saving_step,
     step_of,
     verify,
-    versions,
+    write_manifest,
 )
 from bigtrain.checkpoint.policy import Stateful, save_decision
 from bigtrain.config import CheckpointSection
-from bigtrain.data.shards import sha256_file
 from bigtrain.dist import DistInfo
 
 
@@ -110,6 +108,7 @@ class CheckpointManager:
         path = self.agreed_resume_path()
         if path is None:
             return None
+        path = self.converted(path)
         blob = self.load(path, self.strategy, self.model_config)
         for name, state in self.states.items():
             if name == "trainer":
@@ -180,6 +179,14 @@ class CheckpointManager:
         if status == "error":
             raise CheckpointError(value)
         return value
+
+    def converted(self, path: Path) -> Path:
+        """Collective: ``path``, or (written by another engine or ZeRO stage) its conversion to this
+        run's engine, made by rank 0 beside it (``.step-N.<engine>``) while the others wait."""
+        from bigtrain.convert import converted_for
+
+        return dist.run_on_main(lambda: converted_for(path, self.strategy, self.info.world_size, self.root.parent,
+                                                      self.log), self.info.is_main)
 
     # -- saving ---------------------------------------------------------------------------
     def save(self, step: int, strategy, trainer_state: dict[str, Any], config_yaml: str,
@@ -283,17 +290,7 @@ class CheckpointManager:
                 if Path(extra).is_file():
                     shutil.copy(extra, tmp / Path(extra).name)
             fault_point("checkpoint-before-manifest")
-            files = {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
-                     for p in sorted(tmp.rglob("*")) if p.is_file()}
-            manifest = {
-                "step": pending.step,
-                "world_size": self.info.world_size,
-                "strategy": pending.strategy,
-                "created_s": round(time.time(), 3),
-                "versions": versions(),
-                "files": files,
-            }
-            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+            write_manifest(tmp, pending.step, self.info.world_size, pending.strategy)
             fsync_tree(tmp)
             fault_point("checkpoint-before-rename")
             if final.exists():
@@ -380,7 +377,7 @@ class CheckpointManager:
         saved_strategy = manifest.get("strategy")
         if saved_strategy != strategy.name and not {saved_strategy, strategy.name} <= REPLICATED:
             raise CheckpointError(f"{path}: written by strategy '{saved_strategy}'; this run uses "
-                                  f"'{strategy.name}' (export it to Hugging Face format to switch engines)")
+                                  f"'{strategy.name}'")
         saved_optim, optim = (saved_cfg.get("optim") or {}).get("name", "adamw"), strategy.cfg.optim.name
         if saved_optim != optim:
             raise CheckpointError(f"{path}: written with optim.name {saved_optim}; this run uses {optim} (its state "

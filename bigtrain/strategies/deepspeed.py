@@ -35,6 +35,9 @@ from bigtrain.strategies.single import load_full_state
 
 DS_DIR = "deepspeed"
 TAG = "state"
+# A checkpoint converted from another engine (bigtrain.convert): a universal checkpoint, loadable
+# by every ZeRO stage at any world size, in place of DS_DIR.
+UNIVERSAL_DIR = "deepspeed_universal"
 
 
 def _bucket(n_params: int) -> int:
@@ -154,7 +157,10 @@ class DeepSpeedStrategy(Strategy):
     def load(self, directory: Path) -> None:
         manifest = json.loads((directory / "manifest.json").read_text())
         source = directory / DS_DIR
-        if manifest["world_size"] != self.info.world_size:
+        if (directory / UNIVERSAL_DIR).is_dir():  # converted from another engine
+            source = directory / UNIVERSAL_DIR
+            self.engine._config.load_universal_checkpoint = True
+        elif manifest["world_size"] != self.info.world_size:
             if self.cfg.optim.name != "adamw":  # ds_to_universal converts fp32, exp_avg and exp_avg_sq only
                 raise CheckpointError(
                     f"{directory}: written on {manifest['world_size']} ranks; DeepSpeed's universal checkpoint (for "
@@ -174,13 +180,16 @@ class DeepSpeedStrategy(Strategy):
         self.engine._config.load_universal_checkpoint = False
         if path is None:
             raise RuntimeError(f"{source}: DeepSpeed could not load the checkpoint")
+        buffers = directory / UNIVERSAL_DIR / "buffers.safetensors"
+        if buffers.is_file():  # a universal load restores parameters alone
+            from safetensors.torch import load_file
+
+            self.engine.module.load_state_dict(load_file(str(buffers), device=str(self.device)), strict=False)
 
     def _universal(self, directory: Path) -> Path:
         """Collective: convert to a universal checkpoint (once, beside the checkpoint, as
         ``.step-N.universal``) for a new world size. Written under a temporary name and renamed,
         so a conversion killed half-way is redone, not reused."""
-        import shutil
-
         out = derived_dir(directory, "universal")
 
         def convert() -> None:
@@ -188,19 +197,7 @@ class DeepSpeedStrategy(Strategy):
                 return
             print(f"checkpoint: converting {directory.name} to a universal checkpoint ({out.name}) "
                   f"for {self.info.world_size} ranks", flush=True)
-            tmp = out.with_name(out.name + ".tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            # --inject_missing_state: ZeRO-1/2 checkpoints of a plain (data-parallel only) model
-            # carry no universal_checkpoint_info, which the converter otherwise insists on.
-            proc = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
-                                   "--input_folder", str(directory / DS_DIR / TAG), "--output_folder", str(tmp / TAG),
-                                   "--num_extract_workers", "1", "--num_merge_workers", "1", "--inject_missing_state"],
-                                  capture_output=True, text=True)
-            if proc.returncode != 0:
-                shutil.rmtree(tmp, ignore_errors=True)
-                tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
-                raise RuntimeError(f"{directory}: ds_to_universal failed (exit {proc.returncode}): " + " | ".join(tail))
-            tmp.rename(out)
+            to_universal(directory, out)
 
         dist.run_on_main(convert, self.info.is_main)
         return out
@@ -251,6 +248,27 @@ class DeepSpeedStrategy(Strategy):
         return whole if self.engine.zero_optimization_stage() <= 1 else -(-whole // self.info.world_size)
 
 
+def to_universal(directory: Path, out: Path) -> None:
+    """DeepSpeed's ``ds_to_universal`` of checkpoint ``directory`` into ``out/TAG``: one folder per
+    parameter (fp32 master, Adam moments, step). Written under a temporary name and renamed, so a
+    conversion killed half-way is redone, not reused."""
+    import shutil
+
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    # --inject_missing_state: ZeRO-1/2 checkpoints of a plain (data-parallel only) model
+    # carry no universal_checkpoint_info, which the converter otherwise insists on.
+    proc = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
+                           "--input_folder", str(directory / DS_DIR / TAG), "--output_folder", str(tmp / TAG),
+                           "--num_extract_workers", "1", "--num_merge_workers", "1", "--inject_missing_state"],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+        raise RuntimeError(f"{directory}: ds_to_universal failed (exit {proc.returncode}): " + " | ".join(tail))
+    tmp.rename(out)
+
+
 def _unshare_steps(optimizer: torch.optim.Optimizer) -> None:
     """Give every parameter's Adam state its own ``step`` tensor.
 
@@ -274,6 +292,11 @@ def load_consolidated(model: nn.Module, directory: Path, partial: bool = False) 
     (``partial``: a LoRA checkpoint, which holds the trainable parameters alone)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    state = get_fp32_state_dict_from_zero_checkpoint(str(Path(directory) / DS_DIR), tag=TAG,
-                                                     exclude_frozen_parameters=partial)
+    universal = Path(directory) / UNIVERSAL_DIR / TAG / "zero"
+    if universal.is_dir():  # converted from another engine: the fp32 masters, one file per parameter
+        state = {p.parent.name: torch.load(p, map_location="cpu", weights_only=False)["param"]
+                 for p in sorted(universal.glob("*/fp32.pt"))}
+    else:
+        state = get_fp32_state_dict_from_zero_checkpoint(str(Path(directory) / DS_DIR), tag=TAG,
+                                                         exclude_frozen_parameters=partial)
     load_full_state(model, state, f"{directory}: DeepSpeed weights", partial)
