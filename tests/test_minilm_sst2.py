@@ -40,7 +40,8 @@ def test_short_fine_tune_at_two_ranks_beats_chance_on_the_whole_dev_set(tmp_path
     run_dir = tmp_path / "run"
     ok(run_cli("train", str(RECIPE), f"data.path={train}", f"data.val_path={dev}", f"data.cache_dir={cache_dir}",
                f"run.dir={run_dir}", "train.max_steps=40", "train.eval_every=40", "train.log_every=10",
-               "schedule.warmup_steps=8", "checkpoint.every_steps=0", *engine, "--nproc", "2"))
+               "schedule.warmup_steps=8", "optim.lr=2e-4", "checkpoint.every_steps=0", *engine, "--nproc", "2"))
+    # lr 2e-4 (the recipe: 8e-5 over 600 steps): with dropout on from step 1, 40 steps at 8e-5 stay near chance
     final = read_jsonl(run_dir / "eval.jsonl")[-1]
     assert final["val_samples"] == 872  # every dev sentence once
-    assert final["val_accuracy"] > 0.65, final  # chance is 0.51 (0.70 after 40 steps here)
+    assert final["val_accuracy"] > 0.65, final  # chance is 0.51 (0.75 after 40 steps here)
