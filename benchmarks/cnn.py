@@ -60,7 +60,7 @@ def bigtrain_images_per_s(preset: str, data: Path, batch: int, steps: int, engin
 
 def plain_images_per_s(preset: str, data: Path, batch: int, steps: int) -> tuple[float, int, str]:
     """A plain loop: forward, cross-entropy, backward, SGD step; the first third of the steps is warm-up."""
-    stream = ImageStream(data, batch, batch, seed=0)
+    stream = ImageStream(data / "train", batch, batch, seed=0)
     _, channels, px, _ = stream.manifest["shape"]
     torch.manual_seed(0)
     model = build_resnet(ModelSection(name="resnet", preset=preset), channels, stream.manifest["num_classes"], px)
@@ -94,7 +94,9 @@ def main() -> None:
             batch = CASES[case]
             data = Path(tmp) / f"px{px}"
             if not data.exists():
-                write_synthetic(data, n=max(256, batch * args.steps), resolution=int(px))
+                # an image set as bigtrain reads it: train/ and a small val/ of the same classes
+                write_synthetic(data / "train", n=max(256, batch * args.steps), resolution=int(px), class_seed=0)
+                write_synthetic(data / "val", n=64, resolution=int(px), seed=1, class_seed=0)
             plain, params, model_type = plain_images_per_s(preset, data, batch, args.steps)
             row = {"model": preset, "px": int(px), "stem": "cifar" if model_type != "resnet" else "imagenet",
                    "params": params, "global_batch": batch, "plain_images_per_s": plain}
