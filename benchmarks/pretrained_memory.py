@@ -4,7 +4,8 @@ other ranks build the model on the meta device and receive their shards) or on e
     python benchmarks/pretrained_memory.py [--layers 24] [--d-model 1024] [--text FILE]
 
 Writes a GPT-2 (default 24 layers, d=1024, a 400-token BPE vocabulary: ~302M parameters, 1.2 GB of
-fp32) with ``save_pretrained``, then runs it through the real CLI: 1 process, and 2 ranks with
+fp32) with ``save_pretrained`` (``tests/hf_checkpoints.py``'s writer), then runs it through the real
+CLI: 1 process, and 2 ranks with
 ``strategy.fsdp.pretrained_from`` rank0 and every_rank, each twice: "setup" stops at the start of
 step 1 (``BIGTRAIN_FAULT=loop-error@1``: loading, sharding, the optimizer built) and "1 step" trains
 one AdamW step (gradients and Adam moments then dominate). Each rank's peak RSS is its VmHWM, read
@@ -29,23 +30,14 @@ DEFAULT_TEXT = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
 
 
 def write_checkpoint(out: Path, text: str, layers: int, d_model: int) -> int:
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+    """The tests' GPT-2 checkpoint writer (a 400-token BPE tokenizer), at this size; its parameter count."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from transformers import GPT2LMHeadModel
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator([text], trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"],
-                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
-    fast.save_pretrained(out)
-    torch.manual_seed(0)
-    config = GPT2Config(vocab_size=len(fast), n_layer=layers, n_head=d_model // 64, n_embd=d_model, n_positions=128,
-                        eos_token_id=fast.eos_token_id, bos_token_id=fast.eos_token_id)
-    model = GPT2LMHeadModel(config)
-    model.save_pretrained(out)
-    return sum(p.numel() for p in model.parameters())
+    from hf_checkpoints import hf_checkpoint
+
+    hf_checkpoint(out, text, n_layer=layers, n_embd=d_model)
+    return sum(p.numel() for p in GPT2LMHeadModel.from_pretrained(out).parameters())
 
 
 def peak_rss_per_rank(cmd: list[str], env: dict, fails: bool = False) -> tuple[dict[int, float], str]:

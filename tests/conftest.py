@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import os
 import subprocess
@@ -155,15 +156,12 @@ def matrix_args(run_dir, cache_dir, tiny_text, engine, *extra, nproc=2):
 def engine_reference(tmp_path_factory, cache_dir, tiny_text):
     """``engine_reference(engine, nproc=2)`` -> (run_dir, stdout) of the engine's uninterrupted
     run, made on first use."""
-    made = {}
-
+    @functools.cache
     def get(engine, nproc=2):
-        if (engine, nproc) not in made:
-            run_dir = tmp_path_factory.mktemp(f"reference-{engine}-{nproc}") / "run"
-            proc = run_cli(*matrix_args(run_dir, cache_dir, tiny_text, engine, nproc=nproc))
-            assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-            made[engine, nproc] = (run_dir, proc.stdout)
-        return made[engine, nproc]
+        run_dir = tmp_path_factory.mktemp(f"reference-{engine}-{nproc}") / "run"
+        proc = run_cli(*matrix_args(run_dir, cache_dir, tiny_text, engine, nproc=nproc))
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return run_dir, proc.stdout
 
     return get
 

@@ -16,9 +16,10 @@ CHAT_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'assistant' %}"
 
 
 def hf_checkpoint(out: Path, text: str, model_vocab: int | None = None, chat_template: str | None = None,
-                  dropout: float = 0.1) -> Path:
-    """A GPT-2 (2 layers, d=64; GPT-2's dropout unless given) with a byte-level BPE tokenizer
-    trained on ``text`` (and a ``chat_template``, which transformers saves as chat_template.jinja)."""
+                  dropout: float = 0.1, n_layer: int = 2, n_embd: int = 64) -> Path:
+    """A GPT-2 (2 layers, d=64 unless given, heads of 32 dims up to d=64, of 64 above; GPT-2's dropout
+    unless given) with a 400-token byte-level BPE tokenizer trained on ``text`` (and a ``chat_template``,
+    which transformers saves as chat_template.jinja). Also benchmarks/pretrained_memory.py's checkpoint."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
@@ -31,7 +32,8 @@ def hf_checkpoint(out: Path, text: str, model_vocab: int | None = None, chat_tem
         fast.chat_template = chat_template
     fast.save_pretrained(out)
     torch.manual_seed(0)
-    config = GPT2Config(vocab_size=model_vocab or len(fast), n_layer=2, n_head=2, n_embd=64, n_positions=128,
+    config = GPT2Config(vocab_size=model_vocab or len(fast), n_layer=n_layer, n_head=max(2, n_embd // 64),
+                        n_embd=n_embd, n_positions=128,
                         eos_token_id=fast.eos_token_id, bos_token_id=fast.eos_token_id, resid_pdrop=dropout,
                         embd_pdrop=dropout, attn_pdrop=dropout)
     GPT2LMHeadModel(config).save_pretrained(out)

@@ -8,6 +8,7 @@ cannot be mapped is a one-line error (exit 2) that leaves the source untouched."
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import tempfile
@@ -36,14 +37,11 @@ def run_args(run_dir, cache_dir, tiny_text, engine, *extra, nproc=2):
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, cache_dir, tiny_text):
     """``reference(engine)`` -> the run directory of the engine's uninterrupted 2-rank run."""
-    made = {}
-
+    @functools.cache
     def get(engine):
-        if engine not in made:
-            run_dir = tmp_path_factory.mktemp(f"convert-{engine}") / "run"
-            ok(run_cli(*run_args(run_dir, cache_dir, tiny_text, engine)))
-            made[engine] = run_dir
-        return made[engine]
+        run_dir = tmp_path_factory.mktemp(f"convert-{engine}") / "run"
+        ok(run_cli(*run_args(run_dir, cache_dir, tiny_text, engine)))
+        return run_dir
 
     return get
 

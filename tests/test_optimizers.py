@@ -4,6 +4,7 @@ DeepSpeed ZeRO; lr_at of the step and onecycle schedules; keys that do not apply
 
 from __future__ import annotations
 
+import functools
 import re
 import shutil
 
@@ -46,14 +47,11 @@ def resumes_exactly(run_dir, argv) -> dict[int, float]:
 @pytest.fixture(scope="module")
 def single_runs(tmp_path_factory, cache_dir, tiny_text):
     """``single_runs(name)`` -> (run_dir, argv, stdout) of the optimizer's 1-process run, made on first use."""
-    made = {}
-
+    @functools.cache
     def get(name):
-        if name not in made:
-            run_dir = tmp_path_factory.mktemp(f"single-{name}") / "run"
-            argv = gpt_args(run_dir, cache_dir, tiny_text, name)
-            made[name] = run_dir, argv, ok(run_cli(*argv)).stdout
-        return made[name]
+        run_dir = tmp_path_factory.mktemp(f"single-{name}") / "run"
+        argv = gpt_args(run_dir, cache_dir, tiny_text, name)
+        return run_dir, argv, ok(run_cli(*argv)).stdout
 
     return get
 
