@@ -104,7 +104,10 @@ class Heartbeat:
         line = (f"error: hang: rank {self.rank} made no progress for {waited:.0f}s (train.collective_timeout_s="
                 f"{self.timeout_s:g}) in step {self.step} ({self.phase}); {laggards(beats, self.world_size)}; "
                 f"stacks in {hang}")
-        print(line, file=sys.stderr, flush=True)
+        # one write(2) of the whole line: every rank may report at once into the same pipe, and
+        # print's separate writes of text and newline let the lines run into each other
+        sys.stderr.flush()
+        os.write(sys.stderr.fileno(), (line + "\n").encode())
         os._exit(HANG_EXIT_CODE)
 
     def close(self, failed: bool = False) -> None:

@@ -53,9 +53,13 @@ def test_finetune_checkpoint_resumes_exactly_and_exports(tmp_path, cache_dir, ss
 
     # the records were encoded by the checkpoint's tokenizer, with its special tokens
     hf_tok = AutoTokenizer.from_pretrained(checkpoint)
-    manifests = {p: json.loads((p / "manifest.json").read_text()) for p in (cache_dir / "records").iterdir()}
-    records, manifest = next((p, m) for p, m in manifests.items()
-                             if m["tokenizer_file"] == "tokenizer.json" and m["records"] == 4000)
+    # the set is the one holding this checkpoint's tokenizer (the shared cache holds other tests' sets,
+    # MiniLM's WordPiece among them)
+    ours = (checkpoint / "tokenizer.json").read_bytes()
+    records = next(p for p in (cache_dir / "records").iterdir()
+                   if (p / "tokenizer.json").is_file() and (p / "tokenizer.json").read_bytes() == ours)
+    manifest = json.loads((records / "manifest.json").read_text())
+    assert manifest["tokenizer_file"] == "tokenizer.json" and manifest["records"] == 4000
     assert manifest["special_tokens_added"]
     offsets = np.load(records / "offsets.npy")
     tokens = np.fromfile(records / "tokens.bin", dtype=np.dtype(manifest["dtype"]))
