@@ -1,12 +1,15 @@
-"""Peak RSS per rank when FSDP fine-tunes a large pretrained checkpoint: read on rank 0 alone (the
-other ranks build the model on the meta device and receive their shards) or on every rank.
+"""Peak RSS per rank when FSDP or ZeRO-3 fine-tunes a large pretrained checkpoint: read on rank 0
+alone (FSDP: the other ranks build the model on the meta device and receive their shards; ZeRO-3:
+every rank builds it partitioned under zero.Init and rank 0 reads the values into the partitions)
+or on every rank.
 
-    python benchmarks/pretrained_memory.py [--layers 24] [--d-model 1024] [--text FILE]
+    python benchmarks/pretrained_memory.py [--layers 24] [--d-model 1024] [--text FILE] [--only WORD,...]
 
 Writes a GPT-2 (default 24 layers, d=1024, a 400-token BPE vocabulary: ~302M parameters, 1.2 GB of
 fp32) with ``save_pretrained`` (``tests/hf_checkpoints.py``'s writer), then runs it through the real
 CLI: 1 process, and 2 ranks with
-``strategy.fsdp.pretrained_from`` rank0 and every_rank, each twice: "setup" stops at the start of
+``strategy.fsdp.pretrained_from`` and ``strategy.deepspeed.pretrained_from`` rank0 and every_rank,
+each twice: "setup" stops at the start of
 step 1 (``BIGTRAIN_FAULT=loop-error@1``: loading, sharding, the optimizer built) and "1 step" trains
 one AdamW step (gradients and Adam moments then dominate). Each rank's peak RSS is its VmHWM, read
 from /proc while it runs. Prints JSON (GiB).
@@ -27,6 +30,7 @@ import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_TEXT = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
+ZERO3 = ["strategy.name=deepspeed", "strategy.deepspeed.stage=3"]
 
 
 def write_checkpoint(out: Path, text: str, layers: int, d_model: int) -> int:
@@ -69,6 +73,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=24)
     parser.add_argument("--d-model", type=int, default=1024)
     parser.add_argument("--text", type=Path, default=DEFAULT_TEXT, help="a text corpus (default: ../shared/data)")
+    parser.add_argument("--only", help="runs whose names hold one of these comma-separated words, e.g. zero3")
     args = parser.parse_args()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     results = {}
@@ -81,7 +86,11 @@ def main() -> None:
         runs = {"1 process": ["strategy.name=single"],
                 "fsdp 2 ranks, every_rank": ["--nproc", "2", "strategy.name=fsdp",
                                              "strategy.fsdp.pretrained_from=every_rank"],
-                "fsdp 2 ranks, rank0": ["--nproc", "2", "strategy.name=fsdp"]}
+                "fsdp 2 ranks, rank0": ["--nproc", "2", "strategy.name=fsdp"],
+                "zero3 2 ranks, every_rank": ["--nproc", "2", *ZERO3],
+                "zero3 2 ranks, rank0": ["--nproc", "2", *ZERO3, "strategy.deepspeed.pretrained_from=rank0"]}
+        if args.only:
+            runs = {name: extra for name, extra in runs.items() if any(k in name for k in args.only.split(","))}
         for name, extra in runs.items():
             for phase, phase_env in (("setup", {"BIGTRAIN_FAULT": "loop-error@1"}), ("1 step", {})):
                 run_dir = tmp / f"{name}-{phase}".replace(" ", "_").replace(",", "")

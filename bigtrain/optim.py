@@ -30,14 +30,15 @@ from torch.distributed.tensor import DTensor, Replicate
 from transformers.optimization import Adafactor
 
 from bigtrain.config import OptimSection, ScheduleSection
+from bigtrain.models.params import shape
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Decay matrices (weights, embeddings); never biases or norm gains."""
     decay, no_decay = [], []
     for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
+        if p.requires_grad:  # the full shape: ZeRO-3 may have built the parameter partitioned (zero.Init)
+            (decay if len(shape(p)) >= 2 else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 

@@ -10,6 +10,7 @@ which engine, task or reader runs.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import math
@@ -35,9 +36,10 @@ from bigtrain.exit_codes import BAD_INPUT, FAILED, INTERRUPTED, OK
 from bigtrain.heartbeat import Heartbeat
 from bigtrain.interrupts import StopRequests
 from bigtrain.models.lora import apply_lora
+from bigtrain.models.params import param_count
 from bigtrain.optim import lr_at
 from bigtrain.perf import cpu_low_precision_slowdown, peak_flops
-from bigtrain.strategies import build_strategy
+from bigtrain.strategies import build_strategy, model_init_context
 from bigtrain.tasks import Task, build_task
 from bigtrain.tracking import Tracker
 from bigtrain.tracking.step_metrics import StepMetrics
@@ -158,7 +160,8 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(cfg.to_yaml())
         seed_everything(cfg.seed)
-        model = task.build_model()
+        with model_init_context(cfg, info):  # ZeRO-3 builds a pretrained model partitioned
+            model = task.build_model()
         if cfg.model.lora is not None:
             model = apply_lora(model, cfg.model.lora, cfg.task)
         model.train()  # from_pretrained returns a model in eval mode: no dropout until the first evaluation
@@ -167,9 +170,9 @@ class Trainer:
         self.heartbeat = Heartbeat(self.run_dir, info.rank, info.world_size, cfg.train.collective_timeout_s,
                                    self.log, dump_collectives=dist.collective_trace_dumper(info))
         on_close(lambda: self.heartbeat.close(failed=self._failed))
-        flops_per_sample = task.flops_per_sample(model)
-        n_params = sum(p.numel() for p in model.parameters())
-        n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        # on rank 0: the other ranks may hold the structure alone (meta device, partitions)
+        flops_per_sample = task.on_main(lambda: task.flops_per_sample(model))
+        n_params, n_trainable = param_count(model), param_count(model, trainable=True)
         objective = task.objective
         if cfg.distill is not None:  # a frozen teacher beside the engine: never in the optimizer or checkpoints
             from bigtrain.tasks.distill import Distiller
@@ -314,6 +317,11 @@ def train(cfg: RunConfig) -> TrainResult:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Every rank writes to one inherited stderr, which Python leaves unbuffered: print's text and
+    # its newline are two write(2)s, so two ranks' "error: ..." lines could run into one. Buffered
+    # up to each newline, a line is one write.
+    if isinstance(sys.stderr, io.TextIOWrapper):
+        sys.stderr.reconfigure(line_buffering=True, write_through=False)
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: python -m bigtrain.train CONFIG [key=value ...]")

@@ -149,13 +149,14 @@ def matrix_args(run_dir, cache_dir, tiny_text, engine, *extra, nproc=2):
     """12 steps, evaluation and (async where possible) checkpoints every 4 steps."""
     return train_args(run_dir, cache_dir, tiny_text, f"train.max_steps={MATRIX_STEPS}", "train.eval_every=4",
                       "train.sample_tokens=0", "checkpoint.every_steps=4", "checkpoint.keep_last=10",
-                      "checkpoint.async=true", *ENGINES[engine], "--nproc", str(nproc), *extra)
+                      "checkpoint.async=true", *ENGINES.get(engine, [f"strategy.name={engine}"]), "--nproc", str(nproc),
+                      *extra)
 
 
 @pytest.fixture(scope="session")
 def engine_reference(tmp_path_factory, cache_dir, tiny_text):
     """``engine_reference(engine, nproc=2)`` -> (run_dir, stdout) of the engine's uninterrupted
-    run, made on first use."""
+    run (an ENGINES key, or "single" with nproc=1), made on first use."""
     @functools.cache
     def get(engine, nproc=2):
         run_dir = tmp_path_factory.mktemp(f"reference-{engine}-{nproc}") / "run"

@@ -52,10 +52,10 @@ def llama_checkpoint(out, vocab_size: int):
     return out
 
 
-def bert_checkpoint(out: Path, texts: list[str], head: str = "") -> Path:
+def bert_checkpoint(out: Path, texts: list[str], head: str = "", dropout: float = 0.1) -> Path:
     """A Hugging Face BERT directory with a WordPiece tokenizer trained on ``texts``, like a Hub
     checkpoint: the encoder alone, or with a ``head``: "mlm" (BertForMaskedLM) or "classifier"
-    (BertForSequenceClassification, 2 labels)."""
+    (BertForSequenceClassification, 2 labels); BERT's dropout unless given."""
     from tokenizers import (
         Tokenizer,
         models,
@@ -85,7 +85,8 @@ def bert_checkpoint(out: Path, texts: list[str], head: str = "") -> Path:
     fast.save_pretrained(out)
     torch.manual_seed(0)
     config = BertConfig(vocab_size=len(fast), hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=128, max_position_embeddings=128, num_labels=2)
+                        intermediate_size=128, max_position_embeddings=128, num_labels=2,
+                        hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
     model = {"": BertModel, "mlm": BertForMaskedLM, "classifier": BertForSequenceClassification}[head]
     model(config).save_pretrained(out)
     return out

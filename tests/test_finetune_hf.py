@@ -14,8 +14,8 @@ from transformers import (
 )
 
 from bigtrain.config import load_config
-from conftest import ROOT, read_jsonl, run_cli, train_args
-from hf_checkpoints import hf_checkpoint, llama_checkpoint
+from conftest import ENGINES, ROOT, TEST_CONFIG, read_jsonl, run_cli, train_args
+from hf_checkpoints import bert_checkpoint, hf_checkpoint, llama_checkpoint
 
 SAMPLE = "First Citizen:\nBefore we proceed any further, hear me speak."
 
@@ -110,10 +110,11 @@ def test_missing_checkpoint_or_records_fail_in_the_launcher(tmp_path):
 
 @pytest.mark.dist
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
-def test_fsdp_reads_the_pretrained_model_on_rank0_only(tmp_path, cache_dir, tiny_text, arch):
+@pytest.mark.parametrize("engine, arch", [("fsdp", "gpt2"), ("fsdp", "llama"), ("zero3", "gpt2")])
+def test_fsdp_and_zero3_read_the_pretrained_model_on_rank0_only(tmp_path, cache_dir, tiny_text, engine, arch):
     """FSDP at 2 ranks: rank 1 builds the model on the meta device and receives its shards (and
-    buffers: Llama's rotary frequencies) from rank 0; the fine-tuning is the 1-process one."""
+    buffers: Llama's rotary frequencies) from rank 0; ZeRO-3 builds it partitioned (zero.Init) and
+    rank 0 reads the checkpoint into the partitions. The fine-tuning is the 1-process one."""
     pretrained = hf_checkpoint(tmp_path / "hf", tiny_text.read_text(), dropout=0.0)
     if arch == "llama":
         llama_checkpoint(pretrained, len(AutoTokenizer.from_pretrained(pretrained)))
@@ -122,9 +123,46 @@ def test_fsdp_reads_the_pretrained_model_on_rank0_only(tmp_path, cache_dir, tiny
     one = finetune(tmp_path / "one", cache_dir, tiny_text, pretrained, *steps)
     assert one.returncode == 0, one.stdout[-2000:] + one.stderr[-3000:]
     assert "read on rank 0 only" not in one.stdout
-    two = finetune(tmp_path / "two", cache_dir, tiny_text, pretrained, *steps, "--nproc", "2", "strategy.name=fsdp")
+    rank0 = ["strategy.deepspeed.pretrained_from=rank0"] if engine == "zero3" else []  # fsdp: the default
+    two = finetune(tmp_path / "two", cache_dir, tiny_text, pretrained, *steps, "--nproc", "2", *ENGINES[engine],
+                   *rank0)
     assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-3000:]
-    assert "model.pretrained read on rank 0 only (shards broadcast)" in two.stdout
+    assert {"fsdp": "model.pretrained read on rank 0 only (shards broadcast)",
+            "zero3": "model.pretrained read into partitions (zero.Init)"}[engine] in two.stdout
+    ref, got = read_jsonl(tmp_path / "one" / "metrics.jsonl"), read_jsonl(tmp_path / "two" / "metrics.jsonl")
+    assert [m["loss"] for m in got] == pytest.approx([m["loss"] for m in ref], abs=1e-5)
+    val = [read_jsonl(tmp_path / name / "eval.jsonl")[-1]["val_loss"] for name in ("one", "two")]
+    assert val[1] == pytest.approx(val[0], abs=1e-5)
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+@pytest.mark.parametrize("task", ["sequence_classification", "masked_lm"])
+def test_fsdp_reads_a_pretrained_bert_on_rank0_only(tmp_path, cache_dir, tiny_text, task):
+    """The same for a BERT classifier (its new head initialised on rank 0 and broadcast) and a masked
+    LM (the decoder tied to the word embeddings again on every rank)."""
+    from test_eval_all import write_records
+
+    write_records(tmp_path / "train.tsv", 64, 0)
+    write_records(tmp_path / "val.tsv", 19, 1)
+    texts = [ln.split("\t", 1)[1] for ln in (tmp_path / "train.tsv").read_text().splitlines()[1:]]
+    head = "classifier" if task == "sequence_classification" else "mlm"
+    pretrained = bert_checkpoint(tmp_path / "bert", texts + tiny_text.read_text()[:20_000].splitlines(), head=head,
+                                 dropout=0.0)
+    if task == "sequence_classification":
+        args = ["train", str(ROOT / "configs" / "bert-classifier-tiny.yaml"), f"data.path={tmp_path / 'train.tsv'}",
+                f"data.val_path={tmp_path / 'val.tsv'}", f"data.cache_dir={cache_dir}"]
+    else:  # dropout 0 in the checkpoint; the masks are drawn from (seed, position): the same at 1 and 2 ranks
+        args = ["train", str(TEST_CONFIG), f"data.path={tiny_text}", f"data.cache_dir={cache_dir}", "task=masked_lm",
+                "model.name=bert", "train.sample_tokens=0"]
+    args += [f"model.pretrained={pretrained}", "train.max_steps=3", "train.global_batch_size=8",
+             "train.micro_batch_size=4", "train.eval_every=3", "train.eval_batches=all", "checkpoint.save_final=false"]
+    ok = {}
+    for name, extra in (("one", []), ("two", ["--nproc", "2", "strategy.name=fsdp"])):
+        proc = run_cli(*args, f"run.dir={tmp_path / name}", *extra)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+        ok[name] = proc.stdout
+    assert "model.pretrained read on rank 0 only (shards broadcast)" in ok["two"]
     ref, got = read_jsonl(tmp_path / "one" / "metrics.jsonl"), read_jsonl(tmp_path / "two" / "metrics.jsonl")
     assert [m["loss"] for m in got] == pytest.approx([m["loss"] for m in ref], abs=1e-5)
     val = [read_jsonl(tmp_path / name / "eval.jsonl")[-1]["val_loss"] for name in ("one", "two")]

@@ -12,7 +12,7 @@ import pytest
 
 from bigtrain.config import ConfigError, load_config
 from conftest import ENGINES as MATRIX_ENGINES
-from conftest import ROOT, read_jsonl, run_cli, train_args
+from conftest import MATRIX_STEPS, ROOT, read_jsonl, run_cli, train_args
 
 STEPS = 10
 ENGINES = {name: args for name, args in MATRIX_ENGINES.items() if name != "zero2-offload"}
@@ -27,10 +27,12 @@ def run(tmp_path_factory, cache_dir, tiny_text, name, nproc, *extra):
 
 
 @pytest.fixture(scope="module")
-def fp32_runs(tmp_path_factory, cache_dir, tiny_text):
-    runs = {"single": run(tmp_path_factory, cache_dir, tiny_text, "single", 1)}
-    for name, extra in ENGINES.items():
-        runs[name] = run(tmp_path_factory, cache_dir, tiny_text, name, 2, *extra)
+def fp32_runs(engine_reference):
+    """Every engine's metrics next to the single process's, from the matrix's reference runs
+    (MATRIX_STEPS steps; evaluations and checkpoints in between do not change the losses)."""
+    runs = {"single": read_jsonl(engine_reference("single", nproc=1)[0] / "metrics.jsonl")}
+    for name in ENGINES:
+        runs[name] = read_jsonl(engine_reference(name)[0] / "metrics.jsonl")
     return runs
 
 
@@ -41,7 +43,7 @@ pytestmark = [pytest.mark.dist, pytest.mark.slow]
 def test_fp32_loss_parity_with_single_process(fp32_runs, engine):
     single = [m["loss"] for m in fp32_runs["single"]]
     other = [m["loss"] for m in fp32_runs[engine]]
-    assert len(other) == STEPS
+    assert len(other) == MATRIX_STEPS
     assert other == pytest.approx(single, abs=1e-4)
     # the clipped global norm is the single-process norm
     assert [m["grad_norm"] for m in fp32_runs[engine]] == pytest.approx(
@@ -119,14 +121,10 @@ def test_compile_under_every_distributed_engine(tmp_path, cache_dir, tiny_text, 
     assert losses == pytest.approx([m["loss"] for m in fp32_runs["single"][:3]], abs=1e-4)
 
 
-def test_zero_offload_matches_non_offload(tmp_path_factory, cache_dir, tiny_text, fp32_runs):
-    run_dir = tmp_path_factory.mktemp("offload") / "run"
-    proc = run_cli(*train_args(run_dir, cache_dir, tiny_text, f"train.max_steps={STEPS}", "train.sample_tokens=0",
-                               "checkpoint.save_final=false", "--nproc", "2", *ENGINES["zero2"],
-                               "strategy.deepspeed.offload_optimizer=true"))
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+def test_zero_offload_matches_non_offload(engine_reference, fp32_runs):
+    run_dir, stdout = engine_reference("zero2-offload")
     # DeepSpeed's CPU Adam steps the offloaded state (named from the optimizer object it built)
-    assert "ZeRO-2, optimizer DeepSpeedCPUAdam (offloaded)" in proc.stdout
+    assert "ZeRO-2, optimizer DeepSpeedCPUAdam (offloaded)" in stdout
     offload = read_jsonl(run_dir / "metrics.jsonl")
     assert [m["loss"] for m in offload] == pytest.approx([m["loss"] for m in fp32_runs["zero2"]], abs=1e-4)
 

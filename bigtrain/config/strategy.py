@@ -25,6 +25,11 @@ class DeepSpeedSection(_Section):
     """ZeRO-Offload: optimizer state and step on the CPU (DeepSpeed's CPU Adam); stage 1, 2 or 3."""
     offload_param: bool = False
     """ZeRO-Infinity style parameter offload to the CPU (stage 3 only)."""
+    pretrained_from: Literal["rank0", "every_rank"] = "every_rank"
+    """ZeRO-3, causal LMs with model.pretrained (full fine-tuning): every_rank: each rank maps the checkpoint
+    (safetensors, read lazily) and ZeRO partitions it; rank0: the model is built partitioned (deepspeed.zero.Init),
+    rank 0 reads the checkpoint into memory and each rank receives its partitions. Measured on CPU (README), rank0
+    does not lower any rank's peak."""
     extra: dict[str, Any] = Field(default_factory=dict)
     """Merged into the generated DeepSpeed JSON (not the batch, clipping or precision keys bigtrain sets)."""
 
@@ -64,9 +69,9 @@ class FSDPSection(_Section):
     shard: int | None = Field(None, ge=1)
     """HSDP: ranks one replica is sharded over; default: world size / replicate."""
     pretrained_from: Literal["rank0", "every_rank"] = "rank0"
-    """Causal LMs with model.pretrained (full fine-tuning): rank0 reads the checkpoint on rank 0 alone, the other
-    ranks build the model on the meta device and receive their shards (no rank but 0 holds the whole model);
-    every_rank: each rank reads the whole checkpoint, then shards it."""
+    """Transformers with model.pretrained (full fine-tuning: causal LM, SFT, masked LM, classifier): rank0 reads
+    the checkpoint on rank 0 alone, the other ranks build the model on the meta device and receive their shards (no
+    rank but 0 holds the whole model); every_rank: each rank reads the whole checkpoint, then shards it."""
 
 
 class StrategySection(_Section):

@@ -27,22 +27,24 @@ def bert_config(cfg: ModelSection, vocab_size: int, seq_len: int, pad_id: int) -
     )
 
 
-def build_masked_lm(cfg: ModelSection, vocab_size: int, seq_len: int, pad_id: int) -> PreTrainedModel:
-    """A freshly initialised ``BertForMaskedLM`` (seed the RNG first), or ``cfg.pretrained``."""
+def build_masked_lm(cfg: ModelSection, vocab_size: int, seq_len: int, pad_id: int,
+                    structure_only: bool = False) -> PreTrainedModel:
+    """A freshly initialised ``BertForMaskedLM`` (seed the RNG first), or ``cfg.pretrained``
+    (``structure_only``: see :func:`bigtrain.models.gpt.load_pretrained`)."""
     if cfg.pretrained:
-        return load_pretrained(AutoModelForMaskedLM, cfg.pretrained)
+        return load_pretrained(AutoModelForMaskedLM, cfg.pretrained, structure_only=structure_only)
     return AutoModelForMaskedLM.from_config(bert_config(cfg, vocab_size, seq_len, pad_id), dtype=torch.float32)
 
 
 def build_sequence_classifier(cfg: ModelSection, vocab_size: int, seq_len: int, pad_id: int,
-                              labels: Sequence[str]) -> PreTrainedModel:
+                              labels: Sequence[str], structure_only: bool = False) -> PreTrainedModel:
     """A ``BertForSequenceClassification`` over ``labels``: ``cfg.pretrained``'s encoder (a fresh
-    classification head when the checkpoint has none or another label count), or freshly
-    initialised (seed the RNG first)."""
+    classification head when the checkpoint has none or another label count; ``structure_only``:
+    see :func:`bigtrain.models.gpt.load_pretrained`), or freshly initialised (seed the RNG first)."""
     names = {"id2label": dict(enumerate(labels)), "label2id": {name: i for i, name in enumerate(labels)}}
     if cfg.pretrained:
-        return load_pretrained(AutoModelForSequenceClassification, cfg.pretrained, num_labels=len(labels),
-                               ignore_mismatched_sizes=True, **names)
+        return load_pretrained(AutoModelForSequenceClassification, cfg.pretrained, structure_only=structure_only,
+                               num_labels=len(labels), ignore_mismatched_sizes=True, **names)
     config = bert_config(cfg, vocab_size, seq_len, pad_id)
     config.update({"num_labels": len(labels), **names})
     return AutoModelForSequenceClassification.from_config(config, dtype=torch.float32)

@@ -13,6 +13,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, LlamaConf
 from transformers.utils import logging as hf_logging
 
 from bigtrain.config import ConfigError, ModelSection
+from bigtrain.models.params import numel
 
 
 def hf_config(cfg: ModelSection, vocab_size: int, seq_len: int):
@@ -34,6 +35,9 @@ def hf_config(cfg: ModelSection, vocab_size: int, seq_len: int):
     )
 
 
+FROM_PRETRAINED_ONLY = ("ignore_mismatched_sizes",)
+
+
 def load_pretrained(auto_class, directory: str, structure_only: bool = False, **kwargs):
     """``auto_class.from_pretrained`` on a local Hugging Face directory, in fp32 (no Hub access).
     ``structure_only``: the model built from the directory's config on the meta device, without
@@ -42,8 +46,9 @@ def load_pretrained(auto_class, directory: str, structure_only: bool = False, **
     if not (path / "config.json").is_file():
         raise ConfigError(f"model.pretrained: {directory} is not a Hugging Face model directory (no config.json)")
     hf_logging.disable_progress_bar()  # one bar per rank, in every job log
-    if structure_only:
-        config = AutoConfig.from_pretrained(path, local_files_only=True, **kwargs)
+    if structure_only:  # kwargs that only from_pretrained takes do not go into the config
+        config_kwargs = {k: v for k, v in kwargs.items() if k not in FROM_PRETRAINED_ONLY}
+        config = AutoConfig.from_pretrained(path, local_files_only=True, **config_kwargs)
         with torch.device("meta"):
             return auto_class.from_config(config, dtype=torch.float32)
     return auto_class.from_pretrained(path, local_files_only=True, dtype=torch.float32, **kwargs)
@@ -52,9 +57,11 @@ def load_pretrained(auto_class, directory: str, structure_only: bool = False, **
 def rank0_loads_pretrained(cfg, world_size: int) -> bool:
     """Whether ``model.pretrained`` is read by rank 0 alone, the other ranks building the model on the
     meta device and receiving their shards from rank 0 (FSDP at 2+ ranks, full fine-tuning of a
-    causal LM): no rank but 0 ever holds the whole model."""
+    Transformer: causal LM, SFT, masked LM or classifier, whose new head rank 0 initialises): no
+    rank but 0 ever holds the whole model."""
     return (cfg.strategy.name == "fsdp" and cfg.strategy.fsdp.pretrained_from == "rank0" and world_size > 1
-            and bool(cfg.model.pretrained) and cfg.model.lora is None and cfg.task in ("causal_lm", "sft"))
+            and bool(cfg.model.pretrained) and cfg.model.lora is None
+            and cfg.task in ("causal_lm", "sft", "masked_lm", "sequence_classification"))
 
 
 def build_causal_lm(cfg: ModelSection, vocab_size: int, seq_len: int, structure_only: bool = False) -> PreTrainedModel:
@@ -72,13 +79,13 @@ def flops_per_token(model: PreTrainedModel, seq_len: int) -> float:
     embedding counts once, as the output projection.
     """
     cfg = model.config
-    n = sum(p.numel() for p in model.parameters())
+    n = sum(numel(p) for p in model.parameters())
     inp, out = model.get_input_embeddings(), model.get_output_embeddings()
     if out is None or out.weight is not inp.weight:
-        n -= inp.weight.numel()
+        n -= numel(inp.weight)
     wpe = getattr(getattr(model, model.base_model_prefix, model), "wpe", None)
     if wpe is not None:
-        n -= wpe.weight.numel()
+        n -= numel(wpe.weight)
     n_layer = getattr(cfg, "num_hidden_layers", None) or cfg.n_layer
     d = getattr(cfg, "hidden_size", None) or cfg.n_embd
     return 6 * n + 12 * n_layer * d * seq_len

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 from bigtrain.config import RunConfig
@@ -30,3 +31,13 @@ def build_strategy(cfg: RunConfig, info: DistInfo, objective: Callable | None = 
 
         return DeepSpeedStrategy(cfg, info, objective)
     raise ValueError(f"strategy.name: unknown strategy '{name}'")
+
+
+def model_init_context(cfg: RunConfig, info: DistInfo) -> contextlib.AbstractContextManager:
+    """Where the task builds its model: DeepSpeed ZeRO-3 builds a pretrained causal LM partitioned
+    (see ``deepspeed.model_init_context``); elsewhere nothing changes."""
+    if cfg.strategy.name == "deepspeed":
+        from bigtrain.strategies.deepspeed import model_init_context as deepspeed_init
+
+        return deepspeed_init(cfg, info)
+    return contextlib.nullcontext()

@@ -24,6 +24,7 @@ from bigtrain.checkpoint import CheckpointError, derived_dir, fault_point
 from bigtrain.config import RunConfig, deep_merge
 from bigtrain.dist import LOW_PRECISION
 from bigtrain.models import batch_norms
+from bigtrain.models.params import param_count
 from bigtrain.optim import build_optimizer, param_groups
 from bigtrain.strategies import memory
 from bigtrain.strategies.base import (
@@ -82,9 +83,46 @@ def deepspeed_config(cfg: RunConfig, world_size: int, n_params: int) -> dict[str
     return deep_merge(config, ds.extra)
 
 
+def loads_partitioned(cfg: RunConfig) -> bool:
+    """Whether ZeRO-3 builds ``model.pretrained`` partitioned (full fine-tuning of a causal LM,
+    ``strategy.deepspeed.pretrained_from: rank0``): rank 0 reads the checkpoint, every rank keeps
+    its partitions. (By default every rank maps the safetensors file, which transformers reads
+    lazily onto a meta-built model, and ZeRO partitions it: measured, no higher peak.)"""
+    ds = cfg.strategy.deepspeed
+    return (ds.stage == 3 and ds.pretrained_from == "rank0" and bool(cfg.model.pretrained) and cfg.model.lora is None
+            and cfg.task in ("causal_lm", "sft"))
+
+
+@contextlib.contextmanager
+def model_init_context(cfg: RunConfig, info):
+    """While transformers' ``HfDeepSpeedConfig`` lives, ``from_pretrained`` builds the model under
+    ``deepspeed.zero.Init`` (each parameter partitioned as it is created) and loads the checkpoint
+    into the partitions (rank 0 reads the values, the other ranks only shapes). It lives for the
+    model's construction alone: a distillation teacher built later must stay whole."""
+    if not loads_partitioned(cfg):
+        yield
+        return
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+    # over the process group that exists (as deepspeed.initialize does later): zero.Init partitions
+    # across it, and its config check reads the world size from it
+    deepspeed.comm.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
+                                    dist_init_required=False)
+    # zero.Init reads the stage, precision and offload keys; buckets are sized at initialize
+    hf_config = HfDeepSpeedConfig(deepspeed_config(cfg, info.world_size, n_params=0))
+    try:
+        yield
+    finally:
+        unset_hf_deepspeed_config()
+        del hf_config
+
+
 class DeepSpeedStrategy(Strategy):
     name = "deepspeed"
     engine = None
+    partitioned = False  # the model arrived built under zero.Init (see loads_partitioned)
 
     def setup(self, model: nn.Module) -> None:
         import deepspeed
@@ -97,7 +135,8 @@ class DeepSpeedStrategy(Strategy):
         if low is not None:  # DeepSpeed casts parameters, not buffers: BatchNorm statistics must follow
             for norm in batch_norms(model):
                 norm.to(low)
-        n_params = sum(p.numel() for p in model.parameters())
+        n_params = param_count(model)
+        self.partitioned = any(hasattr(p, "ds_id") for p in model.parameters())  # built under zero.Init
         self.ds_config = deepspeed_config(self.cfg, self.info.world_size, n_params)
         groups = param_groups(model, self.cfg.optim.weight_decay)
         optimizer = None
@@ -120,7 +159,9 @@ class DeepSpeedStrategy(Strategy):
         if self.cfg.optim.name == "adafactor" and self.engine.zero_optimization_stage() > 0:
             note = " (unfactored: ZeRO's flat partitions)"  # see bigtrain/optim.py
         compiled = ", compiled" if self.engine.is_compiled else ""
-        return f"ZeRO-{self.engine.zero_optimization_stage()}, optimizer {type(inner).__name__}{note}{compiled}"
+        loaded = ", model.pretrained read into partitions (zero.Init)" if self.partitioned else ""
+        return (f"ZeRO-{self.engine.zero_optimization_stage()}, optimizer {type(inner).__name__}{note}{compiled}"
+                f"{loaded}")
 
     def close(self) -> None:
         # ZeRO's gradient hooks reach the engine from C++, so without destroy() the engine and

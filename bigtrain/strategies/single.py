@@ -35,6 +35,9 @@ class SingleStrategy(Strategy):
         self.optimizer = build_optimizer(groups, self.cfg.optim, devices)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.cfg.precision == "fp16")
         self.model = torch.compile(self.raw_model) if self.cfg.train.compile else self.raw_model
+        # Training compiles the objective, the model's forward and the loss in one graph (the
+        # logits' upcast and log-softmax fuse into the loss kernels); evaluation compiles the model.
+        self.train_objective = torch.compile(self.objective) if self.cfg.train.compile else self.objective
 
     def details(self) -> str:
         compiled = hasattr(self.model, "_orig_mod")  # torch.compile's OptimizedModule
@@ -42,7 +45,7 @@ class SingleStrategy(Strategy):
 
     def forward_backward(self, batch, scale, last_micro):
         with self.precision_context():
-            loss = self.objective(self.model, to_device(batch, self.device))
+            loss = self.train_objective(self.raw_model, to_device(batch, self.device))
         self.scaler.scale(loss * scale).backward()
         return loss.detach()
 

@@ -44,7 +44,7 @@ class MaskedLMTask(TargetTokenTask, CausalLMTask):
 
     def build_model(self) -> PreTrainedModel:
         return build_masked_lm(self.cfg.model, self.sources[0].vocab_size, self.cfg.train.seq_len,
-                               self.tokenizer.pad_id)
+                               self.tokenizer.pad_id, structure_only=self.weights_from_rank0)
 
     token_losses = staticmethod(_masked_token_losses)
 

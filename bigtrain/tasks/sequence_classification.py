@@ -77,7 +77,8 @@ class SequenceClassificationTask(ClassificationTask):
 
     def build_model(self) -> nn.Module:
         model = build_sequence_classifier(self.cfg.model, self.tokenizer.vocab_size, self.cfg.train.seq_len,
-                                          self.tokenizer.pad_id, self.manifest["labels"])
+                                          self.tokenizer.pad_id, self.manifest["labels"],
+                                          structure_only=self.weights_from_rank0)
         check_vocabulary(model, self.tokenizer.vocab_size, records_tokenizer(self.train_root, self.manifest))
         return model
 
