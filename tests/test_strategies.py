@@ -109,12 +109,15 @@ def test_activation_checkpointing_recomputes_in_backward_and_saves_less(cache_di
             assert report["saved_bytes"] < 0.5 * plain["saved_bytes"], (engine, report, plain)
 
 
-@pytest.mark.parametrize("engine, compiled", [("ddp", "optimizer AdamW, compiled"), ("fsdp", "compiled 2 blocks"),
+@pytest.mark.parametrize("engine, compiled", [("single", "optimizer AdamW, compiled"),
+                                              ("ddp", "optimizer AdamW, compiled"), ("fsdp", "compiled 2 blocks"),
                                               ("zero3", "ZeRO-3, optimizer AdamW, compiled")])
-def test_compile_under_every_distributed_engine(tmp_path, cache_dir, tiny_text, fp32_runs, engine, compiled):
-    """DDP compiles the wrapped model, FSDP2 each block before sharding it, DeepSpeed through its engine."""
+def test_compile_under_every_engine(tmp_path, cache_dir, tiny_text, fp32_runs, engine, compiled):
+    """single compiles the objective (forward and loss in one graph), DDP the wrapped model, FSDP2
+    each block before sharding it, DeepSpeed through its engine."""
+    where = ["--nproc", "1"] if engine == "single" else [*ENGINES[engine], "--nproc", "2"]
     proc = run_cli(*train_args(tmp_path / "run", cache_dir, tiny_text, "train.max_steps=3", "train.sample_tokens=0",
-                               "checkpoint.save_final=false", "train.compile=true", *ENGINES[engine], "--nproc", "2"))
+                               "checkpoint.save_final=false", "train.compile=true", *where))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert compiled in proc.stdout  # read from the modules / the engine, not from the config
     losses = [m["loss"] for m in read_jsonl(tmp_path / "run" / "metrics.jsonl")]
