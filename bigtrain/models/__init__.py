@@ -7,11 +7,10 @@ from torch import nn
 
 from bigtrain.models.bert import build_masked_lm, build_sequence_classifier
 from bigtrain.models.gpt import build_causal_lm, flops_per_token
-from bigtrain.models.params import numel, shape
 from bigtrain.models.resnet import build_resnet
 
 __all__ = ["batch_norms", "build_causal_lm", "build_masked_lm", "build_resnet", "build_sequence_classifier",
-           "flops_per_token", "numel", "repeated_blocks", "shape", "training_flops"]
+           "flops_per_token", "repeated_blocks", "training_flops"]
 
 # Where each family keeps its repeated blocks, below the base model.
 _BLOCK_PATHS = ("h", "layers", "encoder.layer", "encoder.stages")
