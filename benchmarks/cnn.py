@@ -1,13 +1,14 @@
 """Images/s of the ResNet presets through bigtrain beside a plain PyTorch loop on the same model.
 
-    python benchmarks/cnn.py [--engines single,ddp,fsdp] [--nproc 2] [--steps 8] [--only resnet18@32]
+    python benchmarks/cnn.py [--engines single,ddp,fsdp] [--nproc 2] [--steps 8] [--rounds 1] [--only resnet18@32]
 
 For ResNet-18 and ResNet-50 at 32 px (the CIFAR stem) and 224 px (the ImageNet stem), on synthetic
 3-channel images: bigtrain trains through the real CLI under each engine (single: one process,
 ddp/fsdp: ``--nproc`` ranks, one thread each; numbers from metrics.jsonl, the first logged
 interval, which includes warm-up, dropped), and a plain loop (the same model, ImageStream batches,
-torch SGD with momentum, fp32) runs in this process. Prints JSON with images/s and the ratio
-bigtrain single / plain.
+torch SGD with momentum, fp32) runs in this process. ``--rounds N`` alternates them N times (plain,
+then each engine) and reports the medians. Prints JSON with images/s and the ratio bigtrain
+single / plain.
 """
 
 from __future__ import annotations
@@ -84,6 +85,7 @@ def main() -> None:
     parser.add_argument("--engines", default="single,ddp,fsdp")
     parser.add_argument("--nproc", type=int, default=2)
     parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=1, help="alternations of plain and the engines (medians)")
     parser.add_argument("--only", default=",".join(CASES), help="cases, e.g. resnet18@32,resnet50@224")
     args = parser.parse_args()
     engines = [e for e in args.engines.split(",") if e]
@@ -97,18 +99,28 @@ def main() -> None:
                 # an image set as bigtrain reads it: train/ and a small val/ of the same classes
                 write_synthetic(data / "train", n=max(256, batch * args.steps), resolution=int(px), class_seed=0)
                 write_synthetic(data / "val", n=64, resolution=int(px), seed=1, class_seed=0)
-            plain, params, model_type = plain_images_per_s(preset, data, batch, args.steps)
+            speeds: dict[str, list] = {}
+            for _ in range(args.rounds):
+                plain, params, model_type = plain_images_per_s(preset, data, batch, args.steps)
+                speeds.setdefault("plain", []).append(plain)
+                for engine in engines:
+                    speeds.setdefault(engine, []).append(bigtrain_images_per_s(preset, data, batch, args.steps,
+                                                                               engine, args.nproc, Path(tmp)))
             row = {"model": preset, "px": int(px), "stem": "cifar" if model_type != "resnet" else "imagenet",
-                   "params": params, "global_batch": batch, "plain_images_per_s": plain}
-            for engine in engines:
-                row[f"{engine}_images_per_s"] = bigtrain_images_per_s(preset, data, batch, args.steps, engine,
-                                                                      args.nproc, Path(tmp))
+                   "params": params, "global_batch": batch}
+            for name, values in speeds.items():
+                numbers = [v for v in values if isinstance(v, float)]
+                key = "plain_images_per_s" if name == "plain" else f"{name}_images_per_s"
+                row[key] = round(statistics.median(numbers), 1) if len(numbers) == len(values) else values[-1]
+                if args.rounds > 1:
+                    row[key.replace("_images_per_s", "_rounds")] = values
+            plain = row["plain_images_per_s"]
             if isinstance(row.get("single_images_per_s"), float):
                 row["ratio_single_over_plain"] = round(row["single_images_per_s"] / plain, 3)
             results.append(row)
             print(json.dumps(row), file=sys.stderr)
     print(json.dumps({"benchmark": "cnn", "threads_single": torch.get_num_threads(), "nproc": args.nproc,
-                      "steps": args.steps, "precision": "fp32", "results": results}, indent=2))
+                      "steps": args.steps, "rounds": args.rounds, "precision": "fp32", "results": results}, indent=2))
 
 
 if __name__ == "__main__":

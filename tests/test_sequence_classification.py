@@ -53,13 +53,15 @@ def test_finetune_checkpoint_resumes_exactly_and_exports(tmp_path, cache_dir, ss
 
     # the records were encoded by the checkpoint's tokenizer, with its special tokens
     hf_tok = AutoTokenizer.from_pretrained(checkpoint)
-    # the set is the one holding this checkpoint's tokenizer (the shared cache holds other tests' sets,
-    # MiniLM's WordPiece among them)
+    # the training set is the one holding this checkpoint's tokenizer and 4,000 records (the shared cache
+    # holds other tests' sets, MiniLM's WordPiece among them, and this run's 872-record dev set)
     ours = (checkpoint / "tokenizer.json").read_bytes()
-    records = next(p for p in (cache_dir / "records").iterdir()
-                   if (p / "tokenizer.json").is_file() and (p / "tokenizer.json").read_bytes() == ours)
-    manifest = json.loads((records / "manifest.json").read_text())
-    assert manifest["tokenizer_file"] == "tokenizer.json" and manifest["records"] == 4000
+    sets = [p for p in (cache_dir / "records").iterdir()
+            if (p / "tokenizer.json").is_file() and (p / "tokenizer.json").read_bytes() == ours]
+    manifests = {p: json.loads((p / "manifest.json").read_text()) for p in sets}
+    assert sorted(m["records"] for m in manifests.values()) == [872, 4000], manifests
+    records, manifest = next((p, m) for p, m in manifests.items() if m["records"] == 4000)
+    assert manifest["tokenizer_file"] == "tokenizer.json"
     assert manifest["special_tokens_added"]
     offsets = np.load(records / "offsets.npy")
     tokens = np.fromfile(records / "tokens.bin", dtype=np.dtype(manifest["dtype"]))
