@@ -34,12 +34,20 @@ def _matmul_seconds(device_type: str, dtype: torch.dtype, n: int, repeats: int) 
     return best
 
 
+# The largest n measured. A CPU reaches its matmul peak by n = 1024 (2 cores here: 84 GFLOP/s at
+# 1024, 78 at 2048, one thread), and every process of a run measures it at start: n = 2048 took
+# 1.5 s of each start. A GPU needs large operands to fill (at 2048 a matmul is launch-bound).
+_MAX_N = {"cpu": 1024}
+
+
 @functools.cache
-def measured_matmul_flops(device_type: str, dtype: torch.dtype, max_n: int = 2048, budget_s: float = 0.05,
+def measured_matmul_flops(device_type: str, dtype: torch.dtype, max_n: int | None = None, budget_s: float = 0.05,
                           repeats: int = 5) -> float:
     """The best n x n matmul FLOP/s on this device (what MFU on CPU is relative to). n doubles
-    from 256 up to ``max_n`` while one matmul takes under ``budget_s``, so a slow path (bf16 on a
-    CPU without bf16 instructions: ~1 GFLOP/s) costs about a second to measure, not minutes."""
+    from 256 up to ``max_n`` (1024 on CPU, 8192 on GPUs) while one matmul takes under ``budget_s``,
+    so a slow path (bf16 on a CPU without bf16 instructions: ~1 GFLOP/s) costs well under a
+    second to measure, not minutes."""
+    max_n = max_n or _MAX_N.get(device_type, 8192)
     n, best = 256, 0.0
     while True:
         seconds = _matmul_seconds(device_type, dtype, n, repeats)
