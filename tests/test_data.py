@@ -1,6 +1,9 @@
 """Data preparation: tokenizer round trip, shards + manifest checksums, caching, bad input."""
 
 import json
+import os
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -64,14 +67,70 @@ def test_prepare_is_cached_by_content(prepared, tiny_text, tmp_path):
     assert other.root != prepared.root
 
 
+def aged(*paths: Path) -> None:
+    """Modified an hour ago: old enough for its digest to be remembered (see digest_memo.FRESH_NS)."""
+    old = time.time_ns() - 3600 * 10**9
+    for p in paths:
+        os.utime(p, ns=(old, old))
+
+
 def test_preparing_reads_each_input_at_most_twice(tiny_text, tmp_path, monkeypatch):
     """Once for the content hash, once for the documents (shared by the tokenizer's sample and the
-    encoding); a cached set costs the hash only."""
-    opens = count_opens(monkeypatch, tiny_text)
-    first = prepare(data_cfg(tiny_text, tmp_path / "cache"), log=lambda _m: None)
-    assert opens[tiny_text] == 2, opens
-    again = prepare(data_cfg(tiny_text, tmp_path / "cache"), log=lambda _m: None)
-    assert again.root == first.root and opens[tiny_text] == 3, opens
+    encoding); a cached set of an unchanged corpus costs no read: its hash is remembered."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_bytes(tiny_text.read_bytes())
+    aged(corpus)
+    opens = count_opens(monkeypatch, corpus)
+    first = prepare(data_cfg(corpus, tmp_path / "cache"), log=lambda _m: None)
+    assert opens[corpus] == 2, opens
+    again = prepare(data_cfg(corpus, tmp_path / "cache"), log=lambda _m: None)
+    assert again.root == first.root and opens[corpus] == 2, opens
+    assert (tmp_path / "cache" / "data" / ".input-digests.json").is_file()
+
+
+def test_a_corpus_changed_since_its_hash_was_remembered_is_hashed_again(tiny_text, tmp_path, monkeypatch):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_bytes(tiny_text.read_bytes())
+    aged(corpus)
+    first = prepare(data_cfg(corpus, tmp_path / "cache"), log=lambda _m: None)
+    # the same size, other bytes, a new modification time: a new set
+    raw = bytearray(corpus.read_bytes())
+    raw[10:15] = b"XXXXX"
+    corpus.write_bytes(bytes(raw))
+    os.utime(corpus, ns=(time.time_ns() - 1800 * 10**9,) * 2)
+    second = prepare(data_cfg(corpus, tmp_path / "cache"), log=lambda _m: None)
+    assert second.root != first.root
+    # just modified (within the filesystem clock's tick of a rewrite): read every time, never remembered
+    corpus.write_bytes(tiny_text.read_bytes())
+    opens = count_opens(monkeypatch, corpus)
+    third = prepare(data_cfg(corpus, tmp_path / "cache"), log=lambda _m: None)
+    assert third.root == first.root and opens[corpus] == 1, opens  # the hash; the set was cached
+
+
+def test_shards_checked_once_are_not_read_again_until_they_change(prepared, tmp_path, monkeypatch):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(prepared.root, copy)
+    aged(*copy.iterdir())
+    shard = copy / "train-00000.bin"
+    open_prepared(copy, verify="checksum")
+    opens = count_opens(monkeypatch, shard, copy / "tokenizer.model")
+    open_prepared(copy, verify="checksum")
+    assert opens == {shard: 0, copy / "tokenizer.model": 0}
+    # a copy (new inodes), its modification times kept, is checked again
+    again = tmp_path / "again"
+    shutil.copytree(copy, again)
+    count = count_opens(monkeypatch, again / "train-00000.bin")
+    open_prepared(again, verify="checksum")
+    assert count[again / "train-00000.bin"] == 1
+    # a byte flipped in place: its modification time changed, so it is read, and caught
+    raw = bytearray(shard.read_bytes())
+    raw[100] ^= 0xFF
+    shard.write_bytes(bytes(raw))
+    aged(shard)
+    with pytest.raises(DataError, match=r"train-00000.bin: checksum mismatch"):
+        open_prepared(copy, verify="checksum")
 
 
 def test_a_document_pass_replays_the_sample_and_reads_on():

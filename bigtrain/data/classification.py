@@ -133,7 +133,8 @@ def prepare_cached(path, tokenizer: AnyTokenizer, cache_root: Path, labels: Sequ
     """The record set of the files at ``path`` (a file, directory or glob), prepared into
     ``cache_root/<content hash>`` unless it already is there."""
     files = resolve_files(path)
-    key = {"format": FORMAT, "inputs": content_fingerprint(files), "tokenizer": tokenizer.fingerprint,
+    key = {"format": FORMAT, "inputs": content_fingerprint(files, memo_dir=cache_root),
+           "tokenizer": tokenizer.fingerprint,
            "labels": list(labels) if labels is not None else None, "text_field": text_field,
            "label_field": label_field, "on_bad_record": on_bad_record}
     root = Path(cache_root) / key_digest(key)

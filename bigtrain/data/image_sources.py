@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from bigtrain.data.cache import build_set, default_cache_dir, key_digest
+from bigtrain.data.digest_memo import INPUT_DIGESTS, DigestMemo
 from bigtrain.data.errors import DataError
 from bigtrain.data.images import set_manifest
 from bigtrain.data.shards import MANIFEST, sha256_file
@@ -158,10 +159,19 @@ def folder_splits(root: Path, cache_dir: str | Path | None = None, val_fraction:
             held += [(path, label) for path in files[:k]]
         chosen = {path for path, _ in held}
         splits = {"train": [item for item in splits["train"] if item[0] not in chosen], "val": held}
-    key = {"format": FOLDER_FORMAT, "classes": classes, "image_size": image_size,
-           "splits": {name: [[str(p.relative_to(root)), label, sha256_file(p)] for p, label in items]
-                      for name, items in splits.items()}}
-    out = Path(cache_dir or default_cache_dir()) / "images" / key_digest(key)
+    layout = {"format": FOLDER_FORMAT, "classes": classes, "image_size": image_size,
+              "splits": {name: [[str(p.relative_to(root)), label] for p, label in items]
+                         for name, items in splits.items()}}
+
+    def set_digest() -> str:  # the layout and every image's bytes (read once while the files are unchanged)
+        return key_digest({**layout, "splits": {name: [[rel, label, sha256_file(root / rel)] for rel, label in items]
+                                                for name, items in layout["splits"].items()}})
+
+    cache = Path(cache_dir or default_cache_dir()) / "images"
+    memo = DigestMemo(cache / INPUT_DIGESTS)
+    out = cache / memo.digest([p for items in splits.values() for p, _ in items], set_digest,
+                              salt=json.dumps(layout, sort_keys=True))
+    memo.save()
     if not (out / MANIFEST).is_file():
         log(f"data: converting the image folders under {root} into image sets at {out}")
 

@@ -87,7 +87,12 @@ class _Inputs:
 
     @cached_property
     def fingerprint(self) -> str:
-        return content_fingerprint(self.files)
+        return content_fingerprint(self.files, memo_dir=self.cache_root)
+
+    @property
+    def cache_root(self) -> Path:
+        """Where this source's prepared sets are cached (by content hash)."""
+        return Path(self.cfg.cache_dir or default_cache_dir()) / "data"
 
 
 @dataclass
@@ -120,7 +125,7 @@ def _cached_or_pending(inputs: _Inputs, tokenizer_key: str | dict[str, Any], out
     to hold some text)."""
     cfg, files = inputs.cfg, inputs.files
     key = {"inputs": inputs.fingerprint, **_settings_key(cfg, tokenizer_key)}
-    root = Path(out_dir) if out_dir else Path(cfg.cache_dir or default_cache_dir()) / "data" / key_digest(key)
+    root = Path(out_dir) if out_dir else inputs.cache_root / key_digest(key)
     if is_prepared_dir(root):
         log(f"data: using prepared data {root} (cached by content hash)")
         return open_prepared(root, verify="checksum")

@@ -206,7 +206,8 @@ def prepare_sft_cached(path, tokenizer: HFTokenizer, cache_root: Path, fields: F
     """The prepared set of the records at ``path`` (file, directory or glob), built into
     ``cache_root/<content hash>`` unless it already is there."""
     files = resolve_files(path)
-    key = {"format": FORMAT, "inputs": content_fingerprint(files), "tokenizer": tokenizer.fingerprint,
+    key = {"format": FORMAT, "inputs": content_fingerprint(files, memo_dir=cache_root),
+           "tokenizer": tokenizer.fingerprint,
            "fields": [fields.messages, fields.prompt, fields.response], "on_bad_record": on_bad_record}
     root = Path(cache_root) / key_digest(key)
     if (root / MANIFEST).is_file():

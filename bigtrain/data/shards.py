@@ -14,6 +14,7 @@ manifest is complete. Torch-free.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import dataclass
@@ -22,10 +23,12 @@ from typing import Any
 
 import numpy as np
 
+from bigtrain.data.digest_memo import DigestMemo
 from bigtrain.data.errors import DataError
 
 FORMAT = "bigtrain-tokens/2"  # 2: tokenizer with <pad> and <mask>/<cls>/<sep> control pieces
 MANIFEST = "manifest.json"
+VERIFIED = ".verified.json"  # the files' checksums found right, by file identity (not part of the set)
 
 
 def sha256_file(path: Path) -> str:
@@ -89,7 +92,9 @@ def load_manifest(root: Path, fmt: str, what: str) -> dict[str, Any]:
 
 def check_files(root: Path, entries: list[dict[str, Any]], verify: str = "size") -> None:
     """Every ``{"file", "bytes", "sha256"}`` entry exists with its size (and, with ``verify=
-    "checksum"``, its sha256)."""
+    "checksum"``, its sha256: read once, then remembered in ``root/VERIFIED`` while the file is
+    unchanged, see :mod:`bigtrain.data.digest_memo`)."""
+    memo = DigestMemo(root / VERIFIED) if verify == "checksum" else None
     for entry in entries:
         path = root / entry["file"]
         if not path.is_file():
@@ -97,9 +102,11 @@ def check_files(root: Path, entries: list[dict[str, Any]], verify: str = "size")
         size = path.stat().st_size
         if size != entry["bytes"]:
             raise DataError(f"{path}: size {size} bytes, manifest says {entry['bytes']} (truncated or replaced)")
-        if verify == "checksum" and sha256_file(path) != entry["sha256"]:
+        if memo is not None and not memo.verified(path, entry["sha256"], functools.partial(sha256_file, path)):
             raise DataError(f"{path}: checksum mismatch (sha256 differs from {MANIFEST}); re-run `bigtrain data "
                             f"prepare`")
+    if memo is not None:
+        memo.save()
 
 
 def open_prepared(root: str | Path, verify: str = "size") -> PreparedData:

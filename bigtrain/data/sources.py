@@ -28,6 +28,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from bigtrain.data.digest_memo import INPUT_DIGESTS, DigestMemo
 from bigtrain.data.errors import BadRecords, DataError
 
 FILE_SUFFIXES = (".txt", ".jsonl", ".parquet", ".tsv")
@@ -256,8 +257,15 @@ def input_bytes(files: Sequence[Path]) -> int:
     return sum(p.stat().st_size for f in files for p in _input_files(f))
 
 
-def content_fingerprint(files: Sequence[Path]) -> str:
-    """sha256 over every input's name and bytes: the cache key of a prepared data set."""
+def content_fingerprint(files: Sequence[Path], memo_dir: Path | None = None) -> str:
+    """sha256 over every input's name and bytes: the cache key of a prepared data set. With
+    ``memo_dir``, remembered there (``INPUT_DIGESTS``) while the files are unchanged: a large
+    corpus is read once, not at every start (see :mod:`bigtrain.data.digest_memo`)."""
+    if memo_dir is not None:
+        memo = DigestMemo(Path(memo_dir) / INPUT_DIGESTS)
+        digest = memo.digest([p for f in files for p in _input_files(f)], lambda: content_fingerprint(files))
+        memo.save()
+        return digest
     h = hashlib.sha256()
     for f in files:
         for p in _input_files(f):
