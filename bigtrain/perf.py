@@ -34,9 +34,10 @@ def _matmul_seconds(device_type: str, dtype: torch.dtype, n: int, repeats: int) 
     return best
 
 
-# The largest n measured. A CPU reaches its matmul peak by n = 1024 (2 cores here: 84 GFLOP/s at
-# 1024, 78 at 2048, one thread), and every process of a run measures it at start: n = 2048 took
-# 1.5 s of each start. A GPU needs large operands to fill (at 2048 a matmul is launch-bound).
+# The largest n measured. A CPU reaches its matmul peak by n = 1024 (these 2 cores, quiet: fp32
+# 169 GFLOP/s at 1024, 170 at 2048; bf16 408 and 384), and every process of a run measures it at
+# start: n = 2048 took 1.5 s of each start. A GPU needs large operands to fill (at 2048 a matmul is
+# launch-bound).
 _MAX_N = {"cpu": 1024}
 
 
