@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -85,6 +86,14 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 600,
     full_env = {**os.environ, **OFFLINE_ENV, **(env or {})}
     return subprocess.run([sys.executable, "-m", "launcher.cli", *args], capture_output=True, text=True,
                           env=full_env, timeout=timeout, cwd=cwd or ROOT)
+
+
+def aged(*paths: Path) -> None:
+    """Modified an hour ago: old enough for a file's digest to be remembered (see
+    bigtrain/data/digest_memo.py, FRESH_NS)."""
+    old = time.time_ns() - 3600 * 10**9
+    for p in paths:
+        os.utime(p, ns=(old, old))
 
 
 def count_opens(monkeypatch, *paths: Path) -> dict[Path, int]:

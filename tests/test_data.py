@@ -3,7 +3,6 @@
 import json
 import os
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +12,7 @@ from bigtrain.data.errors import DataError
 from bigtrain.data.prepare import prepare
 from bigtrain.data.shards import open_prepared
 from bigtrain.data.tokenizer import Tokenizer, train_tokenizer
-from conftest import TEST_CONFIG, count_opens, run_cli
+from conftest import TEST_CONFIG, aged, count_opens, run_cli
 
 
 def data_cfg(path, cache, **kw) -> DataSection:
@@ -65,13 +64,6 @@ def test_prepare_is_cached_by_content(prepared, tiny_text, tmp_path):
     changed.write_text(tiny_text.read_text() + "\nA new line.\n")
     other = prepare(data_cfg(changed, prepared.root.parent.parent), log=lambda _m: None)
     assert other.root != prepared.root
-
-
-def aged(*paths: Path) -> None:
-    """Modified an hour ago: old enough for its digest to be remembered (see digest_memo.FRESH_NS)."""
-    old = time.time_ns() - 3600 * 10**9
-    for p in paths:
-        os.utime(p, ns=(old, old))
 
 
 def test_preparing_reads_each_input_at_most_twice(tiny_text, tmp_path, monkeypatch):

