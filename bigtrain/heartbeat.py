@@ -10,6 +10,11 @@ names the rank(s) that did not arrive (those behind the others in (step, phase),
 heartbeats) and where the others wait, and exits with code 1 (torchrun then stops the rest).
 ``bigtrain status RUN_DIR`` reads the same files (:func:`read_heartbeats`, :func:`describe`).
 
+After a stop signal (preemption, Ctrl-C) the watchdog also holds the rank to a deadline
+(:meth:`Heartbeat.watch_stop`): a rank that has not saved and exited within it (the launcher kills
+it a few seconds later) dumps its stacks the same way and exits with the stop's code, so a
+preempted job is still requeued and resumes from its last committed checkpoint.
+
 Torch-free (the launcher reads heartbeats on login nodes).
 """
 
@@ -49,6 +54,8 @@ class Heartbeat:
         self.armed = False  # the first step (compilation, warm-up) is not watched
         self.step_seconds: float | None = None  # the last step's duration
         self._step_began = self.since
+        self._stop_requested: Callable[[], tuple[float, int] | None] | None = None
+        self._stop_within_s = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="bigtrain-heartbeat", daemon=True)
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -79,21 +86,32 @@ class Heartbeat:
         except OSError:  # a full or read-only disk must not stop training
             pass
 
+    def watch_stop(self, requested: Callable[[], tuple[float, int] | None], within_s: float) -> None:
+        """Once ``requested()`` gives (when, exit code) of a stop signal, the rank has ``within_s``
+        seconds to finish: save, tear down and exit. Past that it is treated as hung (stacks,
+        one line) and exits with that code."""
+        self._stop_requested, self._stop_within_s = requested, within_s
+
     def _watch(self) -> None:
         while not self._stop.wait(self.interval_s):
             self._write()
-            if self.armed and self.timeout_s and time.time() - self.since > self.timeout_s:
-                self._hung()
+            now = time.time()
+            if self.armed and self.timeout_s and now - self.since > self.timeout_s:
+                self._hung(f"made no progress for {now - self.since:.0f}s (train.collective_timeout_s="
+                           f"{self.timeout_s:g}) in step {self.step} ({self.phase})")
+            stop = self._stop_requested() if self._stop_requested is not None else None
+            if stop is not None and now - stop[0] > self._stop_within_s:
+                self._hung(f"did not save and exit within {self._stop_within_s:g}s of its stop signal (set by "
+                           f"resources.signal_grace_s); in step {self.step} ({self.phase}) for {now - self.since:.0f}s",
+                           exit_code=stop[1])
 
-    def _hung(self) -> None:
+    def _hung(self, what: str, exit_code: int = HANG_EXIT_CODE) -> None:
         """Dump stacks, name the laggards, exit (from the watchdog thread: the main one is stuck)."""
-        waited = time.time() - self.since
         hang = Path(self.run_dir) / "hang"
         try:
             hang.mkdir(parents=True, exist_ok=True)
             with open(hang / f"rank-{self.rank}-stacks.txt", "w") as fh:
-                fh.write(f"rank {self.rank} (pid {os.getpid()} on {socket.gethostname()}): no progress for "
-                         f"{waited:.0f}s in step {self.step} ({self.phase})\n")
+                fh.write(f"rank {self.rank} (pid {os.getpid()} on {socket.gethostname()}): {what}\n")
                 fh.flush()
                 faulthandler.dump_traceback(fh, all_threads=True)
             if self.dump_collectives is not None:
@@ -101,14 +119,12 @@ class Heartbeat:
         except Exception as err:  # the report matters more than the dump
             print(f"rank {self.rank}: could not write the hang dump ({err})", file=sys.stderr)
         beats = read_heartbeats(self.run_dir)
-        line = (f"error: hang: rank {self.rank} made no progress for {waited:.0f}s (train.collective_timeout_s="
-                f"{self.timeout_s:g}) in step {self.step} ({self.phase}); {laggards(beats, self.world_size)}; "
-                f"stacks in {hang}")
+        line = f"error: hang: rank {self.rank} {what}; {laggards(beats, self.world_size)}; stacks in {hang}"
         # one write(2) of the whole line: every rank may report at once into the same pipe, and
         # print's separate writes of text and newline let the lines run into each other
         sys.stderr.flush()
         os.write(sys.stderr.fileno(), (line + "\n").encode())
-        os._exit(HANG_EXIT_CODE)
+        os._exit(exit_code)
 
     def close(self, failed: bool = False) -> None:
         self.enter("failed" if failed else "done")

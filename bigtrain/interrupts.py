@@ -10,12 +10,20 @@ The handlers only set flags. The loop polls once per step; with several ranks th
 combined with one all-reduce (on the compute device), so every rank stops at the same step even
 if only one of them was signalled. The same all-reduce carries the checkpoint manager's "time-based
 save due" flag, so ranks agree on it too.
+
+A Python handler runs only when the main thread is between bytecodes, which it never is while it
+waits in a collective that does not complete. So the signals are also written to a wakeup socket
+(``signal.set_wakeup_fd``), and :meth:`StopRequests.requested_at` reads it from any thread: the
+heartbeat watchdog uses it to end a rank that does not finish stopping in time
+(:meth:`bigtrain.heartbeat.Heartbeat.watch_stop`).
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
+import time
 
 import torch
 import torch.distributed as dist
@@ -32,10 +40,16 @@ class StopRequests:
         self.interrupted: str | None = None
         self.pruned: str | None = None  # a sweep's study asked this trial to stop (why)
         self._previous = {}
+        self._seen: dict[int, float] = {}  # signal number -> when it was first seen
+        self._wakeup_read, self._wakeup_write = socket.socketpair()
+        for end in (self._wakeup_read, self._wakeup_write):
+            end.setblocking(False)
+        self._previous_wakeup = signal.set_wakeup_fd(self._wakeup_write.fileno(), warn_on_full_buffer=False)
         for sig in (*PREEMPTION_SIGNALS, signal.SIGINT):
             self._previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, _frame) -> None:
+        self._seen.setdefault(signum, time.time())
         name = signal.Signals(signum).name
         if signum != signal.SIGINT:
             self.preempted = self.preempted or name
@@ -52,7 +66,25 @@ class StopRequests:
     def restore(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+        if self._previous:
+            signal.set_wakeup_fd(self._previous_wakeup)
+            self._wakeup_read.close()
+            self._wakeup_write.close()
         self._previous = {}
+
+    def requested_at(self) -> tuple[float, int] | None:
+        """(when, exit code) of the first stop signal, None before one came: also while the main
+        thread is blocked, before its Python handler has run. Any thread may call it."""
+        try:
+            for signum in self._wakeup_read.recv(256):
+                self._seen.setdefault(signum, time.time())
+        except (BlockingIOError, OSError):  # nothing new, or closed by restore()
+            pass
+        seen = {s: t for s, t in dict(self._seen).items() if s in (*PREEMPTION_SIGNALS, signal.SIGINT)}
+        if not seen:
+            return None
+        preempted = any(s in PREEMPTION_SIGNALS for s in seen)
+        return min(seen.values()), REQUEUE if preempted else INTERRUPTED
 
     @property
     def requested(self) -> str | None:

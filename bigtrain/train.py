@@ -198,6 +198,8 @@ class Trainer:
 
         self.stops = StopRequests(info.device)
         on_close(self.stops.restore)
+        # the launcher kills ranks stop_grace_s after a stop signal: a rank still here 5 s before says why
+        self.heartbeat.watch_stop(self.stops.requested_at, cfg.resources.stop_grace_s - 5)
         self.tracker = Tracker(cfg, self.run_dir, info.is_main, self.start_step, on_stop=self.stops.prune)
         on_close(self.tracker.close)
         trains = f" ({n_trainable / 1e6:.3f}M trainable: LoRA r={cfg.model.lora.r})" if cfg.model.lora else ""

@@ -42,13 +42,15 @@ def _fail(message: str) -> int:
     return EXIT_BAD_INPUT
 
 
-def training_command(config_path: str, overrides: list[str], nproc: int) -> list[str]:
-    """The command that starts the rank processes for a local run."""
+def training_command(config_path: str, overrides: list[str], nproc: int, stop_grace_s: int = 30) -> list[str]:
+    """The command that starts the rank processes for a local run (``stop_grace_s``: how long the
+    ranks have to save and exit after a stop signal before the agent kills them)."""
     entry = ["-m", "bigtrain.train", config_path, *overrides]
     if nproc == 1:
         return [sys.executable, *entry]
     # launcher.agent is torchrun that passes Ctrl-C on to the ranks and exits with their code
-    return [sys.executable, "-m", "launcher.agent", "--standalone", f"--nproc-per-node={nproc}", *entry]
+    return [sys.executable, "-m", "launcher.agent", "--standalone", f"--nproc-per-node={nproc}",
+            f"--shutdown-timeout={stop_grace_s}", *entry]
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -59,7 +61,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise ConfigError(f"strategy.name: 'single' runs one process, but --nproc is {nproc} (use ddp, fsdp or "
                           f"deepspeed)")
     check_fits(cfg, world=nproc, nodes=1, gpu_type=args.gpu_type, force=args.force, launcher="train")
-    cmd = training_command(args.config, args.overrides, nproc)
+    cmd = training_command(args.config, args.overrides, nproc, cfg.resources.stop_grace_s)
     env = dict(os.environ)
     if nproc > 1 and "OMP_NUM_THREADS" not in env:
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))

@@ -70,7 +70,7 @@ def launch(config: str, overrides: list[str], *, nnodes: int | None = None, npro
                                 node_rank=str(node_rank), master_addr=host, master_port=str(port))
     else:
         cmd = torchrun_command(plan, python, config, overrides, node_rank=str(node_rank), endpoint=f"{host}:{port}",
-                               rdzv_id=rdzv_id or rdzv_id_for(plan))
+                               rdzv_id=rdzv_id or rdzv_id_for(plan), shutdown_timeout=cfg.resources.stop_grace_s)
 
     if dry_run:
         for note in notes:

@@ -4,6 +4,7 @@ names the rank that did not arrive; `bigtrain status` flags it while it hangs. R
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import time
 
@@ -45,6 +46,34 @@ def test_a_stalled_rank_is_named_dumped_and_the_run_ends(tmp_path, cache_dir, ti
         assert "Thread" in stacks and "most recent call first" in stacks
     assert "injected_faults" in (run_dir / "hang" / "rank-1-stacks.txt").read_text()  # where rank 1 sleeps
     assert not subprocess.run(["pgrep", "-f", str(run_dir)], capture_output=True, text=True).stdout.strip()
+
+
+def test_a_rank_that_cannot_stop_after_preemption_says_where_before_the_launcher_kills_it(
+        tmp_path, cache_dir, tiny_text):
+    """SIGTERM reaches both ranks while rank 1 hangs and rank 0 waits for it in a collective (its
+    Python handler cannot run there). 25 s later (signal_grace_s 30, less 5), still before the
+    agent's SIGKILL, each rank dumps its stacks and exits 75: the job is requeued, not lost."""
+    run_dir = tmp_path / "run"
+    argv = train_args(run_dir, cache_dir, tiny_text, "train.max_steps=50", "train.sample_tokens=0",
+                      "strategy.name=ddp", "--nproc", "2", "resources.signal_grace_s=30")
+    proc = start(argv, env={"BIGTRAIN_FAULT": "stall@4", "BIGTRAIN_FAULT_RANK": "1"})
+    wait_for_step(run_dir, 3, proc)
+    time.sleep(2)  # rank 1 sleeps in step 4; rank 0 waits for it (collective_timeout_s: 600 s)
+    proc.send_signal(signal.SIGTERM)  # to the agent: it forwards it to every rank
+    signalled = time.time()
+    out, _ = proc.communicate(timeout=90)
+    ended = time.time() - signalled
+    assert proc.returncode == 75, out[-3000:]
+    assert 24 < ended < 29, ended  # the deadline, and before the agent's kill at 30 s
+    assert "forcefully exiting" not in out, out[-3000:]
+    for rank in (0, 1):
+        report = [ln for ln in out.splitlines() if ln.startswith(f"error: hang: rank {rank} did not save and exit "
+                                                                 f"within 25s of its stop signal")]
+        assert report, out[-3000:]
+    assert "in step 4 (forward-backward)" in report[0] or "in step 4 (data)" in report[0], report[0]
+    stacks = (run_dir / "hang" / "rank-1-stacks.txt").read_text()
+    assert "injected_faults" in stacks and "did not save and exit" in stacks
+    assert not (run_dir / "checkpoints").is_dir() or not any((run_dir / "checkpoints").glob("step-*[0-9]"))
 
 
 def test_heartbeats_of_a_finished_run(tmp_path, cache_dir, tiny_text):

@@ -280,6 +280,7 @@ def test_script_quotes_every_value_and_passes_argv_exactly(tmp_path):
     argv = nul_split(log / "python.argv")
     assert argv[:2] == ["-m", "launcher.agent"]
     assert "--node-rank=0" in argv and "--nnodes=2" in argv and "--rdzv-id=bigtrain-4242" in argv
+    assert "--shutdown-timeout=120" in argv  # the ranks get signal_grace_s to save after a stop signal
     assert "--rdzv-endpoint=10.9.8.7:24242" in argv  # head node's NodeAddr, port from the job id
     assert argv[-3:] == ["-m", "bigtrain.train", str(run_dir / "submit-config.yaml")]
     env = dict(line.split("=", 1) for line in (log / "python.env").read_text().splitlines() if "=" in line)

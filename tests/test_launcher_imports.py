@@ -26,3 +26,5 @@ def test_dry_run_prints_the_rank_command():
     assert single[1:] == ["-m", "bigtrain.train", "c.yaml", "optim.lr=1"]
     multi = training_command("c.yaml", [], 2)
     assert "launcher.agent" in multi and "--nproc-per-node=2" in multi
+    assert "--shutdown-timeout=30" in multi
+    assert "--shutdown-timeout=200" in training_command("c.yaml", [], 2, stop_grace_s=200)

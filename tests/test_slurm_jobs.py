@@ -92,7 +92,10 @@ def wait_done(cluster, run_dir: Path, timeout: float = 300, on_poll=None) -> dic
 
 
 def log_of(run_dir: Path) -> str:
-    return "".join(p.read_text(errors="replace") for p in sorted(Path(run_dir).glob("slurm-*.out")))
+    """The job's output, then the stacks of any rank the hang watchdog ended."""
+    parts = [p.read_text(errors="replace") for p in sorted(Path(run_dir).glob("slurm-*.out"))]
+    parts += [f"--- {p}\n{p.read_text(errors='replace')}" for p in sorted(Path(run_dir).glob("hang/*.txt"))]
+    return "".join(parts)
 
 
 def assert_completed(cluster, run_dir: Path, steps: int) -> str:
@@ -147,12 +150,12 @@ def test_preempted_job_checkpoints_requeues_and_resumes_exactly(cluster, shared,
 
     info = wait_done(cluster, run_dir)  # the requeued job starts once its old credential expires
     log = log_of(run_dir)
-    assert info["jobs"][0]["state"] == "COMPLETED" and info["jobs"][0]["restarts"] == 1, log[-4000:]
+    assert info["jobs"][0]["state"] == "COMPLETED" and info["jobs"][0]["restarts"] == 1, log[-8000:]
     assert "got SIGUSR1" in log and "exited with status 75" in log and "requeueing job" in log
     assert f"job {job} (restart 1)" in log  # SLURM_RESTART_COUNT=1 in the requeued run
     saved = re.search(r"preempted \(SIGUSR1\) after step (\d+)", log)
-    assert saved, log[-4000:]
-    assert re.search(rf"resumed from \S*step-{saved.group(1)} at step {saved.group(1)}", log), log[-4000:]
+    assert saved, log[-8000:]
+    assert re.search(rf"resumed from \S*step-{saved.group(1)} at step {saved.group(1)}", log), log[-8000:]
     wait_done(cluster, reference)
     assert losses(run_dir) == losses(reference)  # every step, bit for bit
     assert read_jsonl(run_dir / "eval.jsonl") and read_jsonl(run_dir / "eval.jsonl")[-1]["val_loss"] == \

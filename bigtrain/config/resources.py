@@ -71,7 +71,8 @@ class ResourcesSection(_Section):
     launcher: Literal["torchrun", "deepspeed"] = "torchrun"
     """The per-node launcher (launch_mode torchrun)."""
     signal_grace_s: int = Field(120, ge=0, le=65535)
-    """SLURM sends USR1 this many seconds before the time limit, to checkpoint (0: off)."""
+    """SLURM sends USR1 this many seconds before the time limit, to checkpoint (0: off). It also sets
+    how long the ranks have to save and exit after a stop signal: see :attr:`stop_grace_s`."""
     rdzv_port: int | None = Field(None, ge=1024, le=65535)
     """The rendezvous port; default: derived from the SLURM job id."""
     max_restarts: int = Field(0, ge=0)
@@ -136,6 +137,12 @@ class ResourcesSection(_Section):
                 raise ValueError(f"resources.signal_grace_s ({self.signal_grace_s}) must be shorter than "
                                  f"resources.time ({self.time})")
         return self
+
+    @property
+    def stop_grace_s(self) -> int:
+        """Seconds the per-node agent gives its ranks to save and exit after it forwards a stop
+        signal, before it kills them (``--shutdown-timeout``): ``signal_grace_s``, at least 30."""
+        return max(30, self.signal_grace_s)
 
     @property
     def gpus_requested(self) -> int:

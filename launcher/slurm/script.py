@@ -156,7 +156,7 @@ def step_command(spec: JobSpec) -> str:
             full = torchrun_command(plan, spec.python, config, [], node_rank="0",
                                     endpoint=Shell('"$MASTER_ADDR:$MASTER_PORT"'),
                                     rdzv_id=Shell('"bigtrain-$SLURM_JOB_ID"'),
-                                    shutdown_timeout=max(30, res.signal_grace_s))
+                                    shutdown_timeout=res.stop_grace_s)
             rank_cmd = [t for t in full if not str(t).startswith("--node-rank=")]
             inner = f'{where}; exec "$0" "$1" "$2" --node-rank="$SLURM_NODEID" "${{@:3}}"'
     srun += ["--label", "--kill-on-bad-exit=0"]
