@@ -9,6 +9,7 @@ import shlex
 import subprocess
 import sys
 import typing
+from dataclasses import replace
 
 import pytest
 import torch
@@ -58,14 +59,20 @@ def test_parameter_counts_and_flops_match_the_meta_device_model(overrides):
     assert shape.flops_per_token(cfg.train.seq_len) == flops_per_token(model, cfg.train.seq_len)
 
 
-def _saved_bytes(cfg, dtype: torch.dtype) -> int:
+def _saved_bytes(cfg, dtype: torch.dtype, activation: str | None = None) -> int:
     """Bytes autograd saves for backward in one forward of ``cfg``'s model up to the logits
-    (each storage once, parameters left out), the model cast to ``dtype`` as FSDP/DeepSpeed do."""
-    from bigtrain.models.gpt import build_causal_lm
+    (each storage once, parameters left out), the model cast to ``dtype`` as FSDP/DeepSpeed do;
+    ``activation``: GPT-2's, if not bigtrain's."""
+    from transformers import AutoModelForCausalLM
+
+    from bigtrain.models.gpt import hf_config
     from bigtrain.strategies.base import enable_activation_checkpointing
 
     torch.manual_seed(0)
-    model = build_causal_lm(cfg.model, cfg.data.tokenizer.vocab_size, cfg.train.seq_len).to(dtype).train()
+    config = hf_config(cfg.model, cfg.data.tokenizer.vocab_size, cfg.train.seq_len)
+    if activation:
+        config.activation_function = activation
+    model = AutoModelForCausalLM.from_config(config).to(dtype).train()
     if cfg.strategy.activation_checkpointing:
         enable_activation_checkpointing(model)
     weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -99,7 +106,31 @@ def test_activations_match_what_autograd_saves(model, precision, checkpointing):
     assert predicted == pytest.approx(measured, rel=0.10), (predicted, measured)
 
 
+@pytest.mark.parametrize("activation", ["gelu_pytorch_tanh", "gelu_new"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_gpt2_activations_by_gelu_kernel(precision, activation):
+    """bigtrain's GPT-2 GELU (one kernel) and gelu_new (GPT-2 checkpoints: an element-wise chain
+    that keeps every intermediate in eager mode), as the planner counts them (a checkpoint's
+    config.json says which one it has). Not under autocast: CPU autocast runs GELU in fp32, CUDA's
+    (what the planner plans for) in bf16."""
+    cfg = cfg_of(TEST_CONFIG, "model.n_layer=3", "model.n_head=4", "model.d_model=128", f"precision={precision}",
+                 "strategy.name=fsdp")
+    shape = replace(shape_of(cfg), gelu_chain=activation == "gelu_new")
+    measured = _saved_bytes(cfg, torch.float32 if precision == "fp32" else torch.bfloat16, activation=activation)
+    assert activations(shape, Setup.from_config(cfg, 1, 1)).saved == pytest.approx(measured, rel=0.10)
+
+
+def test_a_checkpoints_activation_decides_how_its_gelu_is_counted(tmp_path):
+    for activation, chain in (("gelu_new", True), ("gelu_pytorch_tanh", False), (None, True)):
+        spec = {"model_type": "gpt2", "n_embd": 64, "n_layer": 2, "n_head": 2, "vocab_size": 512,
+                "n_positions": 128, **({"activation_function": activation} if activation else {})}
+        (tmp_path / "config.json").write_text(json.dumps(spec))
+        assert shape_of(cfg_of(TEST_CONFIG, f"model.pretrained={tmp_path}")).gelu_chain is chain, activation
+    assert shape_of(cfg_of(TEST_CONFIG)).gelu_chain is False  # bigtrain's own GPT-2: one kernel
+
+
 H200 = {  # measured on one H200: configs/gpt2-small.yaml, 12 x 768, vocab 8192, seq 1024, micro-batch 16, bf16
+    # (when bigtrain built GPT-2 with gelu_new: the eager peak is that of the element-wise GELU chain)
     "params": 368.5e6, "grads": 368.5e6, "optimizer": 737.1e6, "peak_eager": 16.35e9, "peak_compiled": 9.14e9}
 
 
@@ -107,7 +138,7 @@ H200 = {  # measured on one H200: configs/gpt2-small.yaml, 12 x 768, vocab 8192,
 def test_h200_measurements(compiled):
     cfg = cfg_of(GPT2_SMALL, "model.vocab_size=8192", "strategy.name=single", "train.global_batch_size=16",
                  f"train.compile={str(compiled).lower()}")
-    shape = shape_of(cfg)
+    shape = replace(shape_of(cfg), gelu_chain=True)
     assert shape.params == pytest.approx(92.1e6, rel=1e-3)
     est = estimate(shape, Setup.from_config(cfg, 1, 1))
     for term in ("params", "grads", "optimizer"):

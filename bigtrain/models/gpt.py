@@ -21,10 +21,13 @@ def hf_config(cfg: ModelSection, vocab_size: int, seq_len: int):
     vocab = cfg.vocab_size or vocab_size
     positions = cfg.max_seq_len or seq_len
     if cfg.name == "gpt2":
+        # GPT-2's tanh GELU as one kernel (forward and backward): gelu_new, the default, is the same
+        # function (within 2.4e-7) as a chain of eight element-wise ops; benchmarks/gelu.py
         return GPT2Config(
             vocab_size=vocab, n_positions=positions, n_embd=cfg.d_model, n_layer=cfg.n_layer,
             n_head=cfg.n_head, n_inner=cfg.d_ff, resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout,
             attn_pdrop=cfg.dropout, tie_word_embeddings=cfg.tie_embeddings, bos_token_id=1, eos_token_id=2,
+            activation_function="gelu_pytorch_tanh",
         )
     d_ff = cfg.d_ff or 256 * ((int(8 * cfg.d_model / 3) + 255) // 256)
     return LlamaConfig(

@@ -147,23 +147,25 @@ class Setup:
 # Bytes saved for backward per token and layer, in units of d_model, by architecture, regime and
 # eager/compiled; F = d_ff / d_model, r = kv heads / heads. Derivations (GPT-2, eager, fp32):
 # ln_1 input 4, c_attn input 4, q/k/v 12 (views of one output), SDPA output 4 and the contiguous
-# copy c_proj reads 4, ln_2 input 4, c_fc input 4, GELU (tanh form: pow input, tanh output, 0.5x,
-# 1+tanh, result) 5 x 4F. Under autocast the matmul inputs are bf16 copies (2), the residual stream
-# stays fp32 (4) and pow/tanh run in fp32 (GELU: 4F+4F+2F+4F+2F). Compiled, GELU keeps only its
-# input and the bf16 result c_proj reads (2 x 2F). Llama: RMSNorm keeps its input, the normalised
+# copy c_proj reads 4, ln_2 input 4, c_fc input 4, GELU: one kernel (gelu_pytorch_tanh, as bigtrain
+# builds GPT-2) keeps its input and c_proj reads its result (2 x 4F); the element-wise chain of
+# gelu_new (GPT-2 checkpoints), eager, keeps pow input, tanh output, 0.5x, 1+tanh, result (5 x 4F).
+# Under autocast the matmul inputs are bf16 copies (2), the residual stream stays fp32 (4); the one
+# kernel runs in bf16 (2 x 2F), the chain's pow/tanh in fp32 (4F+4F+2F+4F+2F). Compiled, either
+# GELU keeps only its input and the result c_proj reads. Llama: RMSNorm keeps its input, the normalised
 # value and (fp32) its output (under autocast one bf16 copy per projection that reads it); RoPE
 # makes new q/k (fp32 under autocast, cast back for SDPA); SwiGLU keeps gate, SiLU, up and product.
 def _layer_units(shape: Shape, regime: str, compiled: bool) -> float:
     f = shape.d_ff / shape.d_model
     r = shape.n_kv_head / shape.n_head
     if shape.arch == "gpt2":
-        table = {("fp32", False): 36 + 20 * f, ("low", False): 18 + 10 * f, ("autocast", False): 22 + 16 * f,
-                 ("fp32", True): 36 + 8 * f, ("low", True): 18 + 4 * f, ("autocast", True): 22 + 4 * f}
-    else:
-        table = {("fp32", False): 36 + 8 * r + 16 * f, ("low", False): 22 + 4 * r + 8 * f,
-                 ("autocast", False): 32 + 4 * r + 8 * f,
-                 ("fp32", True): 28 + 8 * r + 12 * f, ("low", True): 14 + 4 * r + 6 * f,
-                 ("autocast", True): 18 + 4 * r + 6 * f}
+        one_kernel = {"fp32": 36 + 8 * f, "low": 18 + 4 * f, "autocast": 22 + 4 * f}
+        chain = {"fp32": 36 + 20 * f, "low": 18 + 10 * f, "autocast": 22 + 16 * f}
+        return (chain if shape.gelu_chain and not compiled else one_kernel)[regime]
+    table = {("fp32", False): 36 + 8 * r + 16 * f, ("low", False): 22 + 4 * r + 8 * f,
+             ("autocast", False): 32 + 4 * r + 8 * f,
+             ("fp32", True): 28 + 8 * r + 12 * f, ("low", True): 14 + 4 * r + 6 * f,
+             ("autocast", True): 18 + 4 * r + 6 * f}
     return table[regime, compiled]
 
 

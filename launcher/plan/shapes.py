@@ -32,6 +32,7 @@ class Shape:
     positions: int  # gpt2's learned position table (llama: rotary, no parameters)
     tied: bool  # output projection shares the token embedding
     vocab_from: str = "model.vocab_size"  # where the vocabulary size came from (shown by `bigtrain plan`)
+    gelu_chain: bool = False  # gpt2: its activation is a chain of element-wise ops (gelu_new), not one kernel
 
     @property
     def head_dim(self) -> int:
@@ -87,6 +88,11 @@ class Shape:
         heads = f"{self.n_head} heads" + (f" ({self.n_kv_head} kv)" if self.n_kv_head != self.n_head else "")
         return (f"{self.arch}, {self.params / 1e6:,.1f}M params ({self.n_layer} layers, d_model {self.d_model}, "
                 f"{heads}, d_ff {self.d_ff}, vocab {self.vocab} from {self.vocab_from})")
+
+
+# transformers activations computed by one kernel, which keeps only its input for backward; others
+# (gelu_new, GPT-2 checkpoints' default, gelu_fast, quick_gelu) keep every intermediate in eager mode
+ONE_KERNEL_ACTIVATIONS = ("gelu", "gelu_pytorch_tanh", "relu", "silu", "swish")
 
 
 def shape_of(cfg: RunConfig) -> Shape:
@@ -152,7 +158,8 @@ def _pretrained_shape(cfg: RunConfig) -> Shape:
         h = spec["n_embd"]
         return Shape(arch="gpt2", n_layer=spec["n_layer"], d_model=h, n_head=spec["n_head"], n_kv_head=spec["n_head"],
                      d_ff=spec.get("n_inner") or 4 * h, vocab=spec["vocab_size"], positions=spec["n_positions"],
-                     tied=spec.get("tie_word_embeddings", True), vocab_from=str(path))
+                     tied=spec.get("tie_word_embeddings", True), vocab_from=str(path),
+                     gelu_chain=spec.get("activation_function", "gelu_new") not in ONE_KERNEL_ACTIVATIONS)
     if kind == "llama":
         heads = spec["num_attention_heads"]
         return Shape(arch="llama", n_layer=spec["num_hidden_layers"], d_model=spec["hidden_size"], n_head=heads,
