@@ -160,3 +160,55 @@ def test_image_errors_before_training(tmp_path):
     assert proc.returncode == 2 and "data.path: image_classification needs one directory" in proc.stderr, proc.stderr
     proc = run_cli("train", str(ROOT / "configs" / "resnet-tiny.yaml"), "strategy.activation_checkpointing=true")
     assert proc.returncode == 2 and "not supported for resnet" in proc.stderr, proc.stderr
+
+
+def test_channels_last_is_a_layout_not_a_different_model():
+    """NHWC weights and images (model.channels_last): the same logits and gradients as NCHW, up
+    to the convolutions' rounding; only for resnet."""
+    import torch
+
+    from bigtrain.config import ConfigError, ModelSection, load_config
+    from bigtrain.models.resnet import build_resnet, to_channels_last
+
+    section = ModelSection(name="resnet", widths=[8, 16], depths=[1, 1])
+    torch.manual_seed(0)
+    nchw = build_resnet(section, 3, 10, 32)
+    nhwc = build_resnet(section, 3, 10, 32)
+    nhwc.load_state_dict(nchw.state_dict())
+    nhwc = to_channels_last(nhwc)
+    conv = next(m for m in nhwc.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous()
+    images = torch.randn(4, 3, 32, 32)
+    a, b = nchw(pixel_values=images).logits, nhwc(pixel_values=images).logits
+    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    a.sum().backward()
+    b.sum().backward()
+    for (name, p), q in zip(nchw.named_parameters(), nhwc.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5, msg=name)
+    with pytest.raises(ConfigError, match=r"model.channels_last: .*only for resnet \(model.name is 'gpt2'\)"):
+        load_config(ROOT / "configs" / "gpt-tiny.yaml", ["model.channels_last=true"])
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_channels_last_under_every_engine_trains_like_the_default_layout_and_resumes_exactly(tmp_path, image_dir):
+    """fp32, 6 steps: single, ddp, fsdp and ZeRO-2 at 2 ranks with NHWC weights and images follow the
+    NCHW single run; a ddp run stopped after step 3 resumes from its checkpoint to the same losses."""
+    steps = ["train.max_steps=6", "checkpoint.every_steps=3"]
+    ok(run_cli(*images(image_dir / "nchw", *steps)))
+    reference = losses(image_dir / "nchw" / "run")
+    for name, engine in (("single", []), ("ddp", ["--nproc", "2", "strategy.name=ddp"]),
+                         ("fsdp", ["--nproc", "2", "strategy.name=fsdp"]),
+                         ("zero2", ["--nproc", "2", "strategy.name=deepspeed", "strategy.deepspeed.stage=2"])):
+        ok(run_cli(*images(image_dir / f"nhwc-{name}", *steps, "model.channels_last=true", *engine)))
+        got = losses(image_dir / f"nhwc-{name}" / "run")
+        assert set(got) == set(reference), name
+        for step in reference:
+            assert got[step] == pytest.approx(reference[step], abs=1e-4), (name, step, reference[step], got[step])
+    ddp_run = image_dir / "nhwc-ddp" / "run"
+    step3 = ddp_run / "checkpoints" / "step-3"
+    proc = ok(run_cli(*images(image_dir / "nhwc-resumed", *steps, "model.channels_last=true", "--nproc", "2",
+                              "strategy.name=ddp", f"checkpoint.resume={step3}")))
+    assert f"resumed from {step3} at step 3" in proc.stdout + proc.stderr, proc.stdout[-2000:]
+    resumed, uninterrupted = losses(image_dir / "nhwc-resumed" / "run"), losses(ddp_run)
+    assert resumed == {step: uninterrupted[step] for step in (4, 5, 6)}  # bit for bit

@@ -127,6 +127,9 @@ class RunConfig(_Section):
                              f"{' and '.join(TASK_METRICS[self.task])}, not '{best.metric}'")
         if self.model.lora is not None and not self.model.pretrained:
             raise ValueError("model.lora: adapts a pretrained model; set model.pretrained (a Hugging Face directory)")
+        if self.model.channels_last and self.model.name != "resnet":
+            raise ValueError(f"model.channels_last: a memory layout for convolutions, only for resnet (model.name is "
+                             f"'{self.model.name}')")
         if self.model.name == "resnet" and self.strategy.activation_checkpointing:
             raise ValueError("strategy.activation_checkpointing: not supported for resnet (recomputing a "
                              "block would update its BatchNorm statistics twice)")

@@ -86,6 +86,9 @@ class ModelSection(_Section):
     sync_batchnorm: bool = False
     """ResNet only: under ddp or fsdp, BatchNorm statistics over all ranks' concurrent micro-batches (SyncBatchNorm)
     instead of each rank's own; no effect on one process."""
+    channels_last: bool = False
+    """ResNet only: images (and under single/ddp, weights: FSDP and DeepSpeed need them contiguous) in NHWC
+    memory layout, which oneDNN's and cuDNN's faster convolutions use; the same numbers up to rounding."""
     lora: LoraSection | None = None
     """Train low-rank adapters instead of every weight (needs model.pretrained), e.g. {r: 8, alpha: 16}."""
 

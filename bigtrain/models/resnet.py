@@ -12,6 +12,7 @@ no pool, for 28-32 px images: :mod:`bigtrain.models.resnet_stem`, exported with 
 from __future__ import annotations
 
 import torch
+from torch import nn
 from transformers import AutoConfig, AutoModelForImageClassification, PreTrainedModel, ResNetConfig
 
 from bigtrain.config import ModelSection
@@ -67,3 +68,21 @@ def build_resnet(cfg: ModelSection, channels: int, num_classes: int, image_size:
     else:
         config = StemResNetConfig(stem="cifar", **kwargs)
     return AutoModelForImageClassification.from_config(config, dtype=torch.float32)
+
+
+def to_channels_last(model: nn.Module, weights: bool = True) -> nn.Module:
+    """``model`` with a pre-forward hook that gives its images NHWC memory layout, and (``weights``)
+    its weights too (``model.channels_last``). The convolutions follow the images' layout either
+    way; engines that shard or flatten parameters (FSDP, DeepSpeed) need them contiguous."""
+    if weights:
+        model.to(memory_format=torch.channels_last)
+
+    def nhwc(_module, args, kwargs):
+        if "pixel_values" in kwargs:
+            kwargs["pixel_values"] = kwargs["pixel_values"].contiguous(memory_format=torch.channels_last)
+        elif args:
+            args = (args[0].contiguous(memory_format=torch.channels_last), *args[1:])
+        return args, kwargs
+
+    model.register_forward_pre_hook(nhwc, with_kwargs=True)
+    return model

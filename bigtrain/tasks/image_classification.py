@@ -18,6 +18,7 @@ from torch import nn
 
 from bigtrain.data.images import ImageStream, image_splits, open_images
 from bigtrain.models import build_resnet, training_flops
+from bigtrain.models.resnet import to_channels_last
 from bigtrain.models.sync_batchnorm import convert_sync_batchnorm
 from bigtrain.tasks.base import ClassificationTask, first_eval_batches
 
@@ -65,7 +66,9 @@ class ImageClassificationTask(ClassificationTask):
                              self.manifest.get("classes"))
         if self.cfg.model.sync_batchnorm and self.info.world_size > 1:
             model = convert_sync_batchnorm(model, self.info.device)
-        return model
+        if not self.cfg.model.channels_last:
+            return model
+        return to_channels_last(model, weights=self.cfg.strategy.name in ("single", "ddp"))
 
     def flops_per_sample(self, model):
         _, c, h, w = self.manifest["shape"]
