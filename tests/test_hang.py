@@ -64,7 +64,7 @@ def test_a_rank_that_cannot_stop_after_preemption_says_where_before_the_launcher
     out, _ = proc.communicate(timeout=90)
     ended = time.time() - signalled
     assert proc.returncode == 75, out[-3000:]
-    assert 24 < ended < 29, ended  # the deadline, and before the agent's kill at 30 s
+    assert 24 < ended < 35, ended  # the 25 s deadline (the agent would kill at 30 s: exit 137, not 75)
     assert "forcefully exiting" not in out, out[-3000:]
     for rank in (0, 1):
         report = [ln for ln in out.splitlines() if ln.startswith(f"error: hang: rank {rank} did not save and exit "
