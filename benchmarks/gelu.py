@@ -101,8 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
             steps[a].append(round(step_ms(models[a], ids, args.steps), 1))
     median = {a: statistics.median(v) for a, v in steps.items()}
     act_median = {a: statistics.median(v) for a, v in act_ms.items()}
-    fresh = {a: model_with(cfg, a, args.vocab) for a in ACTIVATIONS}
-    saved = {a: saved_bytes(fresh[a], ids) for a in ACTIVATIONS}
+    saved = {a: saved_bytes(models[a], ids) for a in ACTIVATIONS}  # the same after training: sizes, not values
     with torch.no_grad():
         diff = (ACT2FN["gelu_new"](x) - ACT2FN["gelu_pytorch_tanh"](x)).abs().max().item()
     report = {

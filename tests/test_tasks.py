@@ -189,6 +189,30 @@ def test_channels_last_is_a_layout_not_a_different_model():
         load_config(ROOT / "configs" / "gpt-tiny.yaml", ["model.channels_last=true"])
 
 
+@pytest.mark.parametrize("strategy", ["single", "fsdp"])
+def test_the_image_task_builds_the_layout_the_engine_takes(image_dir, strategy):
+    """model.channels_last through the task: NHWC images always reach the first convolution; the
+    weights are NHWC under single/ddp and stay contiguous for FSDP (it refuses other strides)."""
+    import torch
+
+    from bigtrain.config import load_config
+    from bigtrain.dist import DistInfo
+    from bigtrain.tasks import build_task
+
+    argv = images(image_dir / "layout", "model.channels_last=true", f"strategy.name={strategy}")
+    cfg = load_config(argv[1], argv[2:])
+    task = build_task(cfg, DistInfo(0, 1, 0, 1, torch.device("cpu"), "gloo"), lambda _msg: None)
+    task.prepare()
+    model = task.build_model()
+    conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last) is (strategy == "single")
+    seen = []
+    conv.register_forward_pre_hook(lambda _m, args: seen.append(args[0].is_contiguous(
+        memory_format=torch.channels_last)))
+    model(pixel_values=torch.randn(2, 3, 32, 32))
+    assert seen == [True]
+
+
 @pytest.mark.dist
 @pytest.mark.slow
 def test_channels_last_under_every_engine_trains_like_the_default_layout_and_resumes_exactly(tmp_path, image_dir):
