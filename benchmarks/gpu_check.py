@@ -9,7 +9,8 @@ Rows: the main job (configs/gpt-tiny.yaml) in bf16 and fp16; a GPT-2-small-shape
 ZeRO-1/2/3, each trained with evaluation and a background (async) checkpoint, then resumed with
 synchronous checkpoints, then exported to Hugging Face format (the export reloads the directory
 and checks its logits); train.compile (single, fsdp per block, ZeRO-3); activation checkpointing (fsdp);
-BERT masked-LM, sequence classification and ResNet; with two or more GPUs, 2-rank DDP and FSDP
+BERT masked-LM, sequence classification and ResNet (with the next batch copied to the GPU in a side
+stream, then without: the same losses); with two or more GPUs, 2-rank DDP and FSDP
 against one GPU. Every case goes through the real CLI (``python -m launcher.cli``), one process
 per rank. The correctness cases run ``--parallel`` at a time (their speed is shared); the
 ``perf-*`` rows run first, alone, and give tokens/s, MFU and peak memory.
@@ -178,10 +179,12 @@ def build_cases(sizes: Sizes, text: Path, work: Path, cuda: bool, gpus: int) -> 
                                              f"train.max_steps={n}", f"train.eval_every={half}",
                                              "train.eval_batches=2")],
              [evaluated_at(half, n), finite_losses]),
-        Case("resnet", [cli("train", "configs/resnet-tiny.yaml", "run.dir={run}", "data.path={run}-images",
-                            "data.download=synthetic-images", *common,
-                            *sizes.resnet, f"train.max_steps={n}", f"train.eval_every={half}", "train.eval_batches=2")],
-             [evaluated_at(half, n), finite_losses]),
+        # with the next batch copied to the GPU in a side stream (the default), then without: same losses
+        Case("resnet", [cli("train", "configs/resnet-tiny.yaml", f"run.dir={{run}}{suffix}", "data.path={run}-images",
+                            "data.download=synthetic-images", *common, *sizes.resnet, f"train.max_steps={n}",
+                            f"train.eval_every={half}", "train.eval_batches=2", *prefetch)
+                        for suffix, prefetch in (("", []), ("-host", ["data.prefetch_to_device=false"]))],
+             [evaluated_at(half, n), finite_losses, loss_parity("resnet-host", 5e-3)]),
     ]
     if gpus >= 2:  # 2 ranks against one GPU, same global batch
         for name in ("ddp", "fsdp"):

@@ -184,8 +184,10 @@ class Trainer:
         on_close(self.strategy.close)
         self.strategy.setup(model)
 
+        cuda = info.device.type == "cuda"
         self.reader = StatefulLoader(task.train_stream(), cfg.data.num_workers, cfg.data.prefetch_factor,
-                                     pin_memory=info.device.type == "cuda")
+                                     pin_memory=cuda, device=info.device if cuda and cfg.data.prefetch_to_device
+                                     else None)
         on_close(self.reader.close)
         samples_per_step = cfg.train.global_batch_size
         self.state = TrainState(samples_per_step, samples_per_step * task.tokens_per_sample)

@@ -119,6 +119,31 @@ def test_resume_at_any_step_continues_the_same_order(prepared, world_after):
     assert first + merge_ranks(resumed) == [sorted(step) for step in uninterrupted]
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_loader_that_stages_the_next_batch_hands_out_the_same_batches_and_state(prepared, workers):
+    """The device prefetch (on CUDA) reads one micro-batch ahead: the loop must still get the same
+    batches, and a checkpoint the state of what it was handed, not of what is in flight. On CPU the
+    copy is a no-op and the staging is the same code."""
+    plain = StatefulLoader(stream(prepared, micro=4))
+    staged = StatefulLoader(stream(prepared, micro=4), num_workers=workers, prefetch_factor=2,
+                            device=torch.device("cpu"))
+    for step in range(3):
+        for _ in range(plain.stream.accum):
+            a, b = plain.next(), staged.next()
+            assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+        assert staged.state_dict() == plain.state_dict()
+        assert staged.state_dict()["position"] == (step + 1) * 16  # the batch in flight is not counted
+    state = staged.state_dict()
+    later = [staged.next() for _ in range(3)]  # run on past the checkpoint, one more staged
+    staged.load_state_dict(state)  # the resume drops what was staged
+    again = [staged.next() for _ in range(3)]
+    assert all(torch.equal(x["position"], y["position"]) and torch.equal(x["input_ids"], y["input_ids"])
+               for x, y in zip(later, again))
+    staged.seek(0)
+    assert staged.next()["position"].tolist() == list(range(4))
+    staged.close()
+
+
 def test_state_is_only_defined_between_steps_and_rejects_other_data(prepared, tiny_text, tmp_path):
     lo = StatefulLoader(stream(prepared))
     lo.next()

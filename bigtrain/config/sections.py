@@ -192,6 +192,9 @@ class DataSection(_Section):
     """Dataloader worker processes per rank."""
     prefetch_factor: int = Field(4, ge=1)
     """Micro-batches each worker keeps ready."""
+    prefetch_to_device: bool = True
+    """On CUDA: copy the next micro-batch to the GPU in a side stream (pinned, non-blocking) while the
+    current one computes. No effect on CPU."""
     log_samples: bool = False
     """Write every micro-batch's sample ids to samples-rank<R>.jsonl in the run directory."""
     mask_prob: float = Field(0.15, gt=0.0, lt=1.0)

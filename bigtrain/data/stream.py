@@ -18,6 +18,7 @@ Subclasses say how to build a batch from positions; :class:`CausalLMStream` pack
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -101,15 +102,36 @@ def _ignore_stop_signals(_worker_id: int) -> None:
         signal.signal(sig, signal.SIG_IGN)
 
 
+BOOKKEEPING = ("sample", "position", "source")  # ids for logs and checks, not model inputs: kept on the host
+
+
 class StatefulLoader:
-    """The training process's view: next micro-batch, and the reader state at step boundaries."""
+    """The training process's view: next micro-batch, and the reader state at step boundaries.
+
+    ``device`` (CUDA): each micro-batch handed out has its model inputs on the device already, and
+    the next one's copy is started in a side stream before this one returns, from pinned host
+    memory without blocking, so it overlaps the step's compute. The reader state counts the
+    micro-batches handed out, never the one being copied."""
 
     def __init__(self, stream: PositionalStream, num_workers: int = 0, prefetch_factor: int = 4,
-                 pin_memory: bool = False):
+                 pin_memory: bool = False, device: torch.device | None = None):
         self.stream, self.num_workers = stream, num_workers
         self.prefetch_factor, self.pin_memory = prefetch_factor, pin_memory
         self._iter: Iterator | None = None
         self._consumed = 0  # micro-batches handed out since ``stream.start``
+        self.device = device
+        self._copies = torch.cuda.Stream(device) if device is not None and device.type == "cuda" else None
+        self._staged: dict[str, torch.Tensor] | None = None  # the next micro-batch, already on its way
+
+    def _stage(self) -> dict[str, torch.Tensor]:
+        """The next micro-batch from the reader, its copy to ``device`` started in the side stream."""
+        batch = next(self._iterator())
+        if self.device is None:
+            return batch
+        with torch.cuda.stream(self._copies) if self._copies is not None else contextlib.nullcontext():
+            return {k: v if k in BOOKKEEPING else
+                    (v if v.is_pinned() or self._copies is None else v.pin_memory()).to(self.device, non_blocking=True)
+                    for k, v in batch.items()}
 
     def _iterator(self) -> Iterator:
         if self._iter is None:
@@ -122,7 +144,17 @@ class StatefulLoader:
         return self._iter
 
     def next(self) -> dict[str, torch.Tensor]:
-        batch = next(self._iterator())
+        if self.device is None:
+            batch = next(self._iterator())
+        else:
+            batch = self._staged if self._staged is not None else self._stage()
+            if self._copies is not None:  # the step's kernels wait for its copy; its memory is theirs
+                compute = torch.cuda.current_stream(self.device)
+                compute.wait_stream(self._copies)
+                for k, v in batch.items():
+                    if k not in BOOKKEEPING:
+                        v.record_stream(compute)
+            self._staged = self._stage()
         self._consumed += 1
         return batch
 
@@ -155,7 +187,7 @@ class StatefulLoader:
         shutdown = getattr(self._iter, "_shutdown_workers", None)
         if shutdown is not None:
             shutdown()
-        self._iter = None
+        self._iter, self._staged = None, None
 
 
 class TokenWindows:

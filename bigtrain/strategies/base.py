@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from bigtrain.config import RunConfig
+from bigtrain.data.stream import BOOKKEEPING
 from bigtrain.dist import LOW_PRECISION, DistInfo
 from bigtrain.losses import cross_entropy
 
@@ -27,7 +28,6 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Te
 
 
 # Batch entries that describe the samples (for logging and audits), not model inputs.
-BOOKKEEPING = ("sample", "position", "source")
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device,
