@@ -27,9 +27,6 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Te
     return cross_entropy(model(input_ids=batch["input_ids"]).logits, batch["labels"])
 
 
-# Batch entries that describe the samples (for logging and audits), not model inputs.
-
-
 def to_device(batch: dict[str, torch.Tensor], device: torch.device,
               float_dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """The model inputs and targets of ``batch`` on ``device``; floating-point ones (images) cast
